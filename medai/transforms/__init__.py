@@ -1,0 +1,1 @@
+"""MONAI-style dictionary transforms between medai.io and the models."""

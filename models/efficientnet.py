@@ -1,0 +1,66 @@
+"""EfficientNet-Lite0 (timm's `tf_efficientnet_lite0`) with the packaged ImageNet weights.
+
+The packaged checkpoint uses the lukemelas EfficientNet-PyTorch names; its tensors appear in
+the same order as timm's, so conversion maps them by position and checks every shape.
+Inputs are normalised with mean = std = 0.5 per channel, as the original weights expect.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from models.registry import register_model
+
+IMAGENET_LITE_MEAN = (0.5, 0.5, 0.5)
+IMAGENET_LITE_STD = (0.5, 0.5, 0.5)
+
+
+def convert_lite0_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map an EfficientNet-PyTorch lite0 state dict onto timm names by position, checking shapes."""
+    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    if len(target) != len(original):
+        raise ValueError(f"lite0 conversion: {len(original)} tensors in the file, {len(target)} in timm's model")
+    converted = {}
+    for (src_key, tensor), (dst_key, ref) in zip(original.items(), target.items()):
+        if tensor.shape != ref.shape:
+            raise ValueError(f"lite0 conversion: {src_key} {tuple(tensor.shape)} != {dst_key} {tuple(ref.shape)}")
+        converted[dst_key] = tensor.detach().clone().contiguous()
+    return converted
+
+
+def _imagenet_lite0() -> Path:
+    from medai.weights import resolve_packaged
+
+    return resolve_packaged("efficientnet_lite0/imagenet")
+
+
+def _adapt_imagenet(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Fit ImageNet weights to a model with another head size or number of input channels."""
+    from timm.models import adapt_input_conv
+
+    own = model.state_dict()
+    state = dict(state)
+    stem = state["conv_stem.weight"]
+    if stem.shape[1] != own["conv_stem.weight"].shape[1]:
+        state["conv_stem.weight"] = adapt_input_conv(own["conv_stem.weight"].shape[1], stem)
+    for key in ("classifier.weight", "classifier.bias"):
+        if key in state and state[key].shape != own[key].shape:
+            state[key] = own[key]  # a new task's head starts from the model's own initialisation
+    return state
+
+
+@register_model(
+    family="efficientnet",
+    card="data_cards/checkpoints/efficientnet_lite0_imagenet.md",
+    pretrained={"imagenet": _imagenet_lite0},
+    adapt=_adapt_imagenet,
+)
+def efficientnet_lite0(num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.2) -> nn.Module:
+    """EfficientNet-Lite0 (4.7M params at 1000 classes); ImageNet weights via pretrained='imagenet'."""
+    return timm.create_model(
+        "tf_efficientnet_lite0", pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate
+    )

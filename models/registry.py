@@ -1,0 +1,155 @@
+"""Model registry and factory: `create_model(name, pretrained=...)` is the only entry point.
+
+Weights load from local safetensors files only (never pickle). A checkpoint whose keys or
+shapes do not match the model is refused with a CheckpointError that names them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from medai.errors import CheckpointError
+from medai.registry import Registry
+from medai.utils import repo_root
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelEntry:
+    """A registered model variant: its builder, card and named pretrained sources."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    family: str
+    card: str | None = None
+    # tag -> callable returning a local safetensors path (resolved and converted on demand)
+    pretrained: dict[str, Callable[[], Path]] = field(default_factory=dict)
+    # adapts a pretrained state dict to overrides (new head size, input channels) before loading
+    adapt: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None
+
+    @property
+    def card_path(self) -> Path | None:
+        """Absolute path of the model card, if one is declared."""
+        return repo_root() / self.card if self.card else None
+
+
+MODELS: Registry[ModelEntry] = Registry("model")
+
+
+def register_model(
+    family: str,
+    card: str | None = None,
+    pretrained: dict[str, Callable[[], Path]] | None = None,
+    adapt: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None,
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering a variant function `fn(**overrides) -> nn.Module` under its name."""
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        MODELS.add(fn.__name__, ModelEntry(fn.__name__, fn, family, card, dict(pretrained or {}), adapt))
+        return fn
+
+    return wrap
+
+
+def _import_families() -> None:
+    # Importing a family module registers its variants.
+    import models.efficientnet  # noqa: F401
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Return registered model names matching a shell-style pattern."""
+    _import_families()
+    return MODELS.names(pattern)
+
+
+def model_entry(name: str) -> ModelEntry:
+    """Return the registry entry for `name`."""
+    _import_families()
+    return MODELS.get(name)
+
+
+def create_model(name: str, pretrained: str | Path | None = None, **overrides: Any) -> nn.Module:
+    """Build a registered model; `pretrained` is a tag (e.g. 'imagenet') or a safetensors path."""
+    entry = model_entry(name)
+    model = entry.builder(**overrides)
+    if pretrained is not None:
+        is_tag = isinstance(pretrained, str) and pretrained in entry.pretrained
+        if is_tag:
+            path = entry.pretrained[pretrained]()
+        else:
+            path = Path(pretrained)
+            if not path.exists():
+                tags = ", ".join(entry.pretrained) or "none"
+                raise CheckpointError(path, f"no such file, and not a pretrained tag of '{name}' (tags: {tags})")
+        state = read_state_dict(path)
+        if is_tag and entry.adapt is not None:
+            # Only published weights are fitted to new heads/channels; a user's file loads strictly.
+            state = entry.adapt(state, model)
+        load_state_strict(model, state, path)
+    return model
+
+
+def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Save a model's state dict as safetensors (shared tensors de-duplicated); return the path."""
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    save_model(model, str(path), metadata=meta)
+    return path
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read tensors from a safetensors file; refuse other formats with a clear error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "file not found")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(
+            path, "only .safetensors checkpoints load (pickled .pt/.pth files can run code); convert it first"
+        )
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(path, f"not a readable safetensors file ({exc})") from exc
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a safetensors checkpoint strictly; raise CheckpointError naming any bad keys."""
+    return load_state_strict(model, read_state_dict(path), path)
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> nn.Module:
+    """Load `state` into `model` only if keys and shapes match exactly; else CheckpointError."""
+    expected = model.state_dict()
+    # Tied weights appear once in the file (safetensors de-duplicates them).
+    missing = [k for k in expected if k not in state and not _is_tied_alias(model, k, state)]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k} (file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)})"
+        for k in state
+        if k in expected and state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(path, "checkpoint does not match the model", missing, unexpected, mismatched)
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def _is_tied_alias(model: nn.Module, key: str, state: dict[str, torch.Tensor]) -> bool:
+    target = model.state_dict(keep_vars=True)[key]
+    return any(
+        other in state and v is target for other, v in model.state_dict(keep_vars=True).items() if other != key
+    )

@@ -1,0 +1,1 @@
+"""Jobs: batch inference, feature extraction, fine-tuning, evaluation."""
