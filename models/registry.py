@@ -60,8 +60,15 @@ def register_model(
 
 
 def _import_families() -> None:
-    # Importing a family module registers its variants.
-    import models.efficientnet  # noqa: F401
+    # Importing a family module registers its variants; every module in models/ is a family.
+    import importlib
+    import pkgutil
+
+    import models
+
+    for info in pkgutil.iter_modules(models.__path__):
+        if not info.name.startswith("_") and info.name not in ("registry", "layers"):
+            importlib.import_module(f"models.{info.name}")
 
 
 def list_models(pattern: str = "*") -> list[str]:
