@@ -1,0 +1,179 @@
+"""VQA evaluation job: a VLM on VQA-RAD's test split under several conditions, with 95% CIs.
+
+Conditions (each a resumable JSONL of per-question predictions under `out_dir`):
+- `image`        the real image (the model as it is used)
+- `blank`/`noise` the image replaced by a black image / uniform noise (visual reliance check:
+                 closed accuracy that does not fall towards the blind baseline means the model
+                 ignores the image, as LLaVA-Med's users found)
+- `blind`        no image tokens at all, same LM (question-only baseline)
+- `image+vcd`    the real image with visual contrastive decoding (the mitigation switch)
+Baselines computed without a model: majority answer per answer type from the training split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from medai.io.vqa_rad import VQAItem, load_vqa_rad, majority_answers
+from pipelines.text_metrics import bootstrap_ci, closed_correct, paired_bootstrap_diff, token_scores
+
+log = logging.getLogger(__name__)
+
+# condition name -> (image_mode, mitigation)
+CONDITIONS: dict[str, tuple[str, str]] = {
+    "image": ("image", "none"),
+    "blank": ("blank", "none"),
+    "noise": ("noise", "none"),
+    "blind": ("none", "none"),
+    "image+vcd": ("image", "vcd"),
+}
+
+# Published VQA-RAD test results (official split). MEVF figures from the authors' repository
+# (aioz-ai/MICCAI19-MedVQA README, same as Nguyen et al. MICCAI 2019). The LLaVA-Med figures are
+# from Li et al. NeurIPS 2023 Table 4 as we recall them; the PDF could not be opened offline here.
+PUBLISHED = [
+    {"method": "MEVF+BAN (Nguyen et al., MICCAI 2019)", "closed": 75.1, "open": 43.9, "note": "accuracy, %"},
+    {"method": "MEVF+SAN (Nguyen et al., MICCAI 2019)", "closed": 74.1, "open": 40.7, "note": "accuracy, %"},
+    {"method": "LLaVA-Med, from LLaVA, fine-tuned (Li et al., NeurIPS 2023, Table 4; unverified here)",
+     "closed": 84.19, "open": 61.52, "note": "closed accuracy / open recall, %"},
+]
+
+
+@dataclass
+class VQAEvalConfig:
+    """What to evaluate: data root, conditions, item limit, batching and generation bounds."""
+
+    data_root: Path
+    out_dir: Path
+    conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))
+    limit: int | None = None  # first N test items (in file order), for quick runs
+    batch_size: int = 8
+    max_new_tokens: int = 12
+    n_boot: int = 2000
+
+
+def _read_done(path: Path) -> dict[str, dict[str, Any]]:
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                done[rec["qid"]] = rec
+    return done
+
+
+def run_condition(model: Any, items: Sequence[VQAItem], condition: str, path: Path, batch_size: int, max_new_tokens: int) -> list[dict[str, Any]]:
+    """Answer every item under one condition, appending to `path` (resumes where it stopped)."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    from models.vlm import VLMInputError
+
+    image_mode, mitigation = CONDITIONS[condition]
+    done = _read_done(path)
+    todo = [it for it in items if it.qid not in done]
+    # VCD runs a second branch with its own cache per row; keep it to one row at a time.
+    step = 1 if mitigation == "vcd" else batch_size
+    with path.open("a") as sink, tqdm(total=len(items), initial=len(items) - len(todo), desc=condition, unit="q") as bar:
+        for start in range(0, len(todo), step):
+            chunk = todo[start : start + step]
+            try:
+                images = [Image.open(it.image_path).convert("RGB") for it in chunk] if image_mode != "none" else None
+                gens = model.generate_answers(images, [it.question for it in chunk], image_mode=image_mode,
+                                              mitigation=mitigation, max_new_tokens=max_new_tokens)
+                records = [{"qid": it.qid, "prediction": g.text, "stopped_by": g.stopped_by} for it, g in zip(chunk, gens)]
+            except (VLMInputError, OSError) as exc:  # a bad item is recorded, the job goes on
+                log.warning("%s: %d item(s) failed: %s", condition, len(chunk), exc)
+                records = [{"qid": it.qid, "prediction": "", "error": str(exc)} for it in chunk]
+            for rec in records:
+                sink.write(json.dumps(rec) + "\n")
+                done[rec["qid"]] = rec
+            sink.flush()
+            bar.update(len(chunk))
+    return [done[it.qid] for it in items]
+
+
+def score(items: Sequence[VQAItem], predictions: Sequence[str]) -> dict[str, list[float]]:
+    """Return per-item scores: closed correctness, open exact/recall/F1 (lists aligned with items)."""
+    out: dict[str, list[float]] = {"closed_acc": [], "open_exact": [], "open_recall": [], "open_f1": []}
+    for it, pred in zip(items, predictions):
+        if it.is_closed:
+            out["closed_acc"].append(float(closed_correct(pred, it.answer_norm)))
+        else:
+            s = token_scores(pred, it.answer)
+            out["open_exact"].append(s["exact"])
+            out["open_recall"].append(s["recall"])
+            out["open_f1"].append(s["f1"])
+    return out
+
+
+def summarise(per_item: dict[str, list[float]], n_boot: int) -> dict[str, dict[str, float]]:
+    """Return {metric: {value, ci_low, ci_high, n}} in percent."""
+    result = {}
+    for metric, values in per_item.items():
+        est, lo, hi = bootstrap_ci(values, n_boot=n_boot)
+        result[metric] = {"value": 100 * est, "ci_low": 100 * lo, "ci_high": 100 * hi, "n": len(values)}
+    return result
+
+
+def evaluate_vqa_rad(model: Any, cfg: VQAEvalConfig) -> dict[str, Any]:
+    """Run all conditions on the test split and return (and write) the summary with CIs."""
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    train = load_vqa_rad(cfg.data_root, "train")
+    test = load_vqa_rad(cfg.data_root, "test")
+    if cfg.limit:
+        test = test[: cfg.limit]
+    majority = majority_answers(train)
+    results: dict[str, Any] = {"n_test": len(test), "conditions": {}, "published": PUBLISHED,
+                               "majority_answers": majority}
+    majority_preds = [majority[it.answer_type] for it in test]
+    per_item = {"majority": score(test, majority_preds)}
+    for condition in cfg.conditions:
+        if condition not in CONDITIONS:
+            raise ValueError(f"unknown condition '{condition}' (known: {', '.join(CONDITIONS)})")
+        records = run_condition(model, test, condition, cfg.out_dir / f"predictions_{condition}.jsonl",
+                                cfg.batch_size, cfg.max_new_tokens)
+        per_item[condition] = score(test, [r["prediction"] for r in records])
+        results["conditions"][condition] = {"failed": sum("error" in r for r in records)}
+    for name, values in per_item.items():
+        results["conditions"].setdefault(name, {}).update(summarise(values, cfg.n_boot))
+    # Paired differences on the same questions: does the image help, and does VCD change anything?
+    contrasts = {"image - blind": ("image", "blind"), "image - blank": ("image", "blank"),
+                 "image - noise": ("image", "noise"), "image+vcd - image": ("image+vcd", "image"),
+                 "image - majority": ("image", "majority")}
+    results["paired_closed_acc"] = {}
+    for label, (a, b) in contrasts.items():
+        if a in per_item and b in per_item:
+            est, lo, hi = paired_bootstrap_diff(per_item[a]["closed_acc"], per_item[b]["closed_acc"], cfg.n_boot)
+            results["paired_closed_acc"][label] = {"value": 100 * est, "ci_low": 100 * lo, "ci_high": 100 * hi}
+    (cfg.out_dir / "summary.json").write_text(json.dumps(results, indent=2, default=str))
+    (cfg.out_dir / "summary.md").write_text(format_summary(results))
+    return results
+
+
+def format_summary(results: dict[str, Any]) -> str:
+    """Return the summary as a Markdown table (percent, 95% bootstrap CIs)."""
+    def cell(m: dict[str, float] | None) -> str:
+        return "-" if not m or m.get("n", 1) == 0 else f"{m['value']:.1f} [{m['ci_low']:.1f}, {m['ci_high']:.1f}]"
+
+    lines = [f"VQA-RAD test ({results['n_test']} questions), % with 95% bootstrap CIs", "",
+             "| condition | closed acc | open exact | open recall | open F1 |", "|---|---|---|---|---|"]
+    for name, m in results["conditions"].items():
+        lines.append(f"| {name} | {cell(m.get('closed_acc'))} | {cell(m.get('open_exact'))} | "
+                     f"{cell(m.get('open_recall'))} | {cell(m.get('open_f1'))} |")
+    lines += ["", "| paired closed-acc difference | points [95% CI] |", "|---|---|"]
+    for label, m in results.get("paired_closed_acc", {}).items():
+        lines.append(f"| {label} | {m['value']:+.1f} [{m['ci_low']:+.1f}, {m['ci_high']:+.1f}] |")
+    lines += ["", "| published | closed | open |", "|---|---|---|"]
+    for p in results["published"]:
+        lines.append(f"| {p['method']} | {p['closed']} | {p['open']} ({p['note']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def config_dict(cfg: VQAEvalConfig) -> dict[str, Any]:
+    """Return the evaluation config as plain values (written beside the results)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
