@@ -236,7 +236,7 @@ def _negated(clause: str, start: int, end: int) -> bool:
     window = " " + " ".join(before) + " "
     if any(f" {t} " in window for t in PRE_NEGATION):
         return True
-    after = " " + clause[end:end + 40] + " "
+    after = " " + clause[end:end + 40].strip() + " "
     return any(after.startswith(f" {t}") or f" {t} " in after[:25] for t in POST_NEGATION)
 
 

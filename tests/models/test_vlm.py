@@ -169,6 +169,7 @@ def test_byo_refuses_quantisation_without_cuda(tiny_hf_vlm_paths):
         HFImageTextToText.from_pretrained(tiny_hf_vlm_paths["llava"], quantization="4bit")
 
 
+@pytest.mark.slow  # loads the 135M LM (about 10 s idle, far more on a busy 2-core box)
 def test_real_smollm2_head_answers_a_real_question(smollm2_path, vqa_items):
     """The default head (ImageNet Lite0 + SmolLM2-135M-Instruct, untrained projector) answers, bounded."""
     from models import create_model
