@@ -196,6 +196,20 @@ def check_language(text: str, source: str = "question") -> None:
         )
 
 
+def square_image_tensor(image: Any, size: int, check: bool = True, source: str = "image") -> torch.Tensor:
+    """Return a (3, size, size) float tensor in [0, 1]: black-padded to square (keeps aspect), resized."""
+    from PIL import Image
+
+    pil = to_pil(image, source=source)
+    if check:
+        check_medical_image(pil, source=source)
+    side = max(pil.size)
+    square = Image.new("RGB", (side, side))
+    square.paste(pil, ((side - pil.width) // 2, (side - pil.height) // 2))
+    arr = np.asarray(square.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
 def _bounded_tokens(requested: int | None, default: int) -> int:
     n = default if requested is None else int(requested)
     if n < 1:
@@ -471,22 +485,13 @@ class VisionLanguageModel(nn.Module):
 
     def preprocess(self, images: Sequence[Any], check: bool | None = None) -> torch.Tensor:
         """Return normalised pixels (B, 3, S, S): pad to square, resize, scale by the backbone's stats."""
-        from PIL import Image
-
         check = self.config.check_image if check is None else check
-        size = self.config.image_size
-        batch = []
-        for i, image in enumerate(images):
-            pil = to_pil(image, source=f"image {i}")
-            if check:
-                check_medical_image(pil, source=f"image {i}")
-            side = max(pil.size)
-            square = Image.new("RGB", (side, side))  # black padding keeps the anatomy's aspect ratio
-            square.paste(pil, ((side - pil.width) // 2, (side - pil.height) // 2))
-            arr = np.asarray(square.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
-            batch.append(torch.from_numpy(arr).permute(2, 0, 1))
-        pixels = torch.stack(batch).to(self.pixel_mean.device)
-        return (pixels - self.pixel_mean) / self.pixel_std
+        batch = [square_image_tensor(image, self.config.image_size, check, f"image {i}") for i, image in enumerate(images)]
+        return self.normalise(torch.stack(batch))
+
+    def normalise(self, pixels01: torch.Tensor) -> torch.Tensor:
+        """Scale [0, 1] RGB pixels (B, 3, S, S) by the backbone's mean and std."""
+        return (pixels01.to(self.pixel_mean.device) - self.pixel_mean) / self.pixel_std
 
     def substitute_images(self, pixel_values: torch.Tensor, mode: ImageMode, seed: int = 0) -> torch.Tensor:
         """Return pixels for the visual-reliance check: the image, a blank (black) image, or noise."""
@@ -598,6 +603,7 @@ class VisionLanguageModel(nn.Module):
         images: Sequence[Any] | None,
         questions: Sequence[str],
         *,
+        pixel_values: torch.Tensor | None = None,
         image_mode: ImageMode = "image",
         max_new_tokens: int | None = None,
         max_time_s: float | None = None,
@@ -608,17 +614,23 @@ class VisionLanguageModel(nn.Module):
         streamer: Any = None,
         validate: bool = True,
     ) -> list[Generation]:
-        """Answer each question about its image (greedy, bounded); `image_mode` feeds blank/noise/none."""
+        """Answer each question about its image (greedy, bounded); `image_mode` feeds blank/noise/none.
+
+        Give raw `images`, or already normalised `pixel_values` (B, 3, S, S) from a data loader.
+        """
         if validate:
             for q in questions:
                 self.validate_question(q)
-        pixel_values = None
         if image_mode != "none":
-            if images is None or len(images) != len(questions):
-                raise MissingImageError("one image per question is needed (image_mode='none' asks blind)")
-            pixel_values = self.substitute_images(self.preprocess(images, check=validate and image_mode == "image"), image_mode)
-        elif mitigation == "vcd":
-            raise VLMInputError("visual contrastive decoding needs an image (image_mode != 'none')")
+            if pixel_values is None:
+                if images is None or len(images) != len(questions):
+                    raise MissingImageError("one image per question is needed (image_mode='none' asks blind)")
+                pixel_values = self.preprocess(images, check=validate and image_mode == "image")
+            pixel_values = self.substitute_images(pixel_values, image_mode)
+        else:
+            pixel_values = None
+            if mitigation == "vcd":
+                raise VLMInputError("visual contrastive decoding needs an image (image_mode != 'none')")
         inputs = self.build_inputs(pixel_values, questions, padding_side="left")
         processor = None
         if mitigation == "vcd":
