@@ -471,6 +471,13 @@ class VisionLanguageModel(nn.Module):
         for p in self.projector.parameters():
             p.requires_grad_(True)
 
+    def train(self, mode: bool = True) -> "VisionLanguageModel":
+        """Set training mode, keeping a frozen backbone in eval mode (its BatchNorm statistics fixed)."""
+        super().train(mode)
+        if not any(p.requires_grad for p in self.backbone.parameters()):
+            self.backbone.eval()
+        return self
+
     def apply_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> None:
         """Wrap the LM with peft LoRA adapters on `target_modules` (stage 2, instruction tuning)."""
         try:
@@ -507,7 +514,9 @@ class VisionLanguageModel(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Return image token embeddings (B, num_image_tokens, LM hidden size)."""
-        feats = self.backbone.forward_features(pixel_values)
+        frozen = not any(p.requires_grad for p in self.backbone.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            feats = self.backbone.forward_features(pixel_values)
         if feats.ndim == 4:  # (B, C, H, W) feature map
             feats = nn.functional.adaptive_avg_pool2d(feats, self.grid).flatten(2).transpose(1, 2)
         elif feats.ndim == 3:  # (B, N, C) tokens; drop class/register tokens, pool the rest

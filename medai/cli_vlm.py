@@ -1,0 +1,89 @@
+"""`medai vlm ...`: ask a question about an image, evaluate on VQA-RAD, draft a grounded report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+vlm_app = typer.Typer(help="Vision-language head: ask, evaluate on VQA-RAD, draft grounded reports.",
+                      no_args_is_help=True)
+console = Console()
+
+
+def _load(model: str, run: Optional[Path]) -> Any:
+    """A registered medai VLM, a trained run folder, or a local HF image-text-to-text folder."""
+    if run is not None:
+        from pipelines.evaluate import load_run
+
+        return load_run(run)[3].eval()
+    from models.vlm import load_vlm
+
+    loaded = load_vlm(model)
+    return loaded.eval() if hasattr(loaded, "eval") else loaded
+
+
+@vlm_app.command("ask")
+def ask(
+    image: Path = typer.Argument(..., help="Image file (PNG/JPEG; a DICOM frame exported as an image)."),
+    question: str = typer.Argument(..., help="Question in English."),
+    model: str = typer.Option("vlm_lite0_smollm2", help="Registered VLM name or a local HF VLM folder."),
+    run: Optional[Path] = typer.Option(None, help="A `medai finetune` run folder of the VQA task."),
+    max_new_tokens: int = typer.Option(64, help="Upper bound on generated tokens."),
+    mitigation: str = typer.Option("none", help="none or vcd (visual contrastive decoding)."),
+) -> None:
+    """Stream the model's answer to a question about an image."""
+    from PIL import Image
+
+    vlm = _load(model, run)
+    with Image.open(image) as img:
+        for piece in vlm.stream(img.convert("RGB"), question, max_new_tokens=max_new_tokens, mitigation=mitigation):
+            console.print(piece, end="")
+    console.print()
+
+
+@vlm_app.command("eval")
+def evaluate(
+    out: Path = typer.Option(Path("runs/vqa_rad_eval"), help="Output folder (resumes predictions found there)."),
+    model: str = typer.Option("vlm_lite0_smollm2", help="Registered VLM name."),
+    run: Optional[Path] = typer.Option(None, help="A `medai finetune` run folder of the VQA task."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N test questions (file order)."),
+    condition: list[str] = typer.Option(["image", "blank", "noise", "blind", "image+vcd"], help="Repeatable."),
+    max_new_tokens: int = typer.Option(12),
+    batch_size: int = typer.Option(8),
+) -> None:
+    """VQA-RAD test: closed accuracy, open exact/recall/F1 with 95% CIs, visual reliance and VCD effect."""
+    from medai.data import dataset_path
+    from pipelines.vqa import VQAEvalConfig, evaluate_vqa_rad, format_summary
+
+    cfg = VQAEvalConfig(dataset_path("vqa_rad"), out, list(condition), limit, batch_size, max_new_tokens)
+    results = evaluate_vqa_rad(_load(model, run), cfg)
+    console.print(format_summary(results))
+    console.print(f"written: {out / 'summary.json'}, {out / 'summary.md'}")
+
+
+@vlm_app.command("report")
+def report(
+    findings: Path = typer.Argument(..., help="Findings JSON: {study, modality, findings: [...]} (see pipelines/report.py)."),
+    out: Path = typer.Option(Path("runs/report"), help="Output folder for report.txt, report.json, report_sr.dcm."),
+    drafter: str = typer.Option("lm", help="lm (the VLM's language model) or template (deterministic)."),
+    model: str = typer.Option("vlm_lite0_smollm2", help="Registered VLM name (drafter=lm)."),
+    dicom: Optional[Path] = typer.Option(None, help="A source DICOM instance of the study: also write an SR."),
+) -> None:
+    """Draft a report from structured findings; every finding sentence is checked and flagged if unsupported."""
+    from pipelines.report import draft_report, load_findings, write_report_sr
+
+    study = load_findings(findings)
+    vlm = _load(model, None) if drafter == "lm" else None
+    result = draft_report(study, vlm, drafter)  # type: ignore[arg-type]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.txt").write_text(result.to_text())
+    (out / "report.json").write_text(result.to_json())
+    if dicom is not None:
+        import pydicom
+
+        write_report_sr(result, [pydicom.dcmread(dicom)], out / "report_sr.dcm")
+    console.print(result.to_text())
+    console.print(f"{len(result.flagged)} flagged sentence(s); written to {out}")
