@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's medai, not an installed one
 
 
 def measure(model, image, question: str, tokens: int, use_cache: bool, repeats: int) -> dict[str, float]:
@@ -31,14 +35,17 @@ def measure(model, image, question: str, tokens: int, use_cache: bool, repeats: 
 
 
 def _generate(model, image, question, tokens, use_cache):
-    from models.vlm import _run_generate
+    from models.vlm import _NoCacheGenerate, _run_generate
 
     inputs = model.build_inputs(model.preprocess([image]), [question], padding_side="left")
-    return _run_generate(
-        lambda **kw: model.language_model.generate(**kw, min_new_tokens=tokens),
-        inputs, prompt_len=0, max_new_tokens=tokens, max_time_s=600, eos_ids=model.eos_ids,
-        decode=lambda ids: model.tokenizer.decode(ids), use_cache=use_cache,
-    )[0]
+    # Both settings ignore end-of-sequence so they generate exactly `tokens` tokens.
+    if use_cache:
+        generate = lambda **kw: model.language_model.generate(**kw, min_new_tokens=tokens)  # noqa: E731
+    else:
+        generate = _NoCacheGenerate(model.language_model)
+    return _run_generate(generate, inputs, prompt_len=0, max_new_tokens=tokens, max_time_s=600,
+                         eos_ids=[-1] if not use_cache else model.eos_ids,
+                         decode=lambda ids: model.tokenizer.decode(ids), use_cache=use_cache)[0]
 
 
 def main() -> None:

@@ -371,6 +371,50 @@ def _run_generate(
     return results
 
 
+class _NoCacheGenerate:
+    """Greedy decoding that re-runs the whole sequence every step (no KV cache).
+
+    transformers' generate() with inputs_embeds and use_cache=False feeds only the newest token,
+    losing the prompt; this reference loop keeps the full embedded prefix, so the with/without
+    cache comparison measures the same computation. Same interface as generate().
+    """
+
+    def __init__(self, language_model: nn.Module):
+        self.lm = language_model
+
+    @torch.no_grad()
+    def __call__(self, *, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 max_time: float, eos_token_id: list[int], streamer: Any = None, logits_processor: Any = None,
+                 **_: Any) -> torch.Tensor:
+        start = time.perf_counter()
+        embed = self.lm.get_input_embeddings()
+        embeds, mask = inputs_embeds, attention_mask
+        batch = embeds.shape[0]
+        out = torch.empty(batch, 0, dtype=torch.long, device=embeds.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=embeds.device)
+        if streamer is not None:
+            streamer.put(out.cpu())
+        for _ in range(max_new_tokens):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
+            logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, -1, :]
+            if logits_processor:
+                for proc in logits_processor:
+                    logits = proc(out, logits)
+            next_ids = logits.argmax(-1)
+            next_ids = torch.where(done, torch.full_like(next_ids, eos_token_id[0]), next_ids)
+            out = torch.cat([out, next_ids[:, None]], dim=1)
+            if streamer is not None:
+                streamer.put(next_ids.cpu())
+            done |= torch.isin(next_ids, torch.tensor(eos_token_id, device=next_ids.device))
+            if done.all() or time.perf_counter() - start > max_time:
+                break
+            embeds = torch.cat([embeds, embed(next_ids[:, None])], dim=1)
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        if streamer is not None:
+            streamer.end()
+        return out
+
+
 def stream_in_thread(run: Callable[[Any], Any], skip_prompt: bool, tokenizer: Any, timeout_s: float) -> Iterator[str]:
     """Run `run(streamer)` in a thread and yield decoded text pieces as they arrive."""
     from transformers import TextIteratorStreamer
@@ -648,7 +692,7 @@ class VisionLanguageModel(nn.Module):
         elif mitigation != "none":
             raise VLMInputError(f"unknown mitigation '{mitigation}' (none, vcd)")
         return _run_generate(
-            self.language_model.generate,
+            self.language_model.generate if use_cache else _NoCacheGenerate(self.language_model),
             inputs,
             prompt_len=0,  # generating from embeddings returns only the new tokens
             max_new_tokens=_bounded_tokens(max_new_tokens, self.config.max_new_tokens),

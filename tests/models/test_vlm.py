@@ -179,3 +179,34 @@ def test_real_smollm2_head_answers_a_real_question(smollm2_path, vqa_items):
     g = model.answer(images[0], items[0].question)
     assert 1 <= g.num_tokens <= 8 and g.text
     assert os.path.samefile(model.language_model.name_or_path, smollm2_path)
+
+
+@pytest.mark.slow  # real 135M LM, two generations
+def test_no_cache_reference_matches_cached_generation(smollm2_path, vqa_items):
+    """The no-KV-cache loop (benchmark baseline) produces exactly the cached greedy answers, left-padded batch."""
+    from models import create_model
+
+    items, images = vqa_items
+    model = create_model("vlm_lite0_smollm2").eval()
+    questions = [it.question for it in items[:2]]
+    cached = model.generate_answers(images[:2], questions, max_new_tokens=6, use_cache=True)
+    uncached = model.generate_answers(images[:2], questions, max_new_tokens=6, use_cache=False)
+    assert [g.text for g in cached] == [g.text for g in uncached]
+
+
+def test_no_cache_loop_sees_the_whole_prompt(tiny_vlm, vqa_items):
+    """Every step of the no-cache loop re-reads the full prefix (transformers' own path drops it)."""
+    items, images = vqa_items
+    lengths = []
+    original = tiny_vlm.language_model.forward
+
+    def spy(*args, **kwargs):
+        lengths.append(kwargs["inputs_embeds"].shape[1])
+        return original(*args, **kwargs)
+
+    tiny_vlm.language_model.forward = spy
+    try:
+        tiny_vlm.answer(images[0], items[0].question, max_new_tokens=3, use_cache=False)
+    finally:
+        del tiny_vlm.language_model.forward
+    assert len(lengths) >= 2 and lengths == list(range(lengths[0], lengths[0] + len(lengths)))
