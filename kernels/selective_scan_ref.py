@@ -149,6 +149,32 @@ def linear_scan(a: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return h[..., :length, :, :], p[..., :length, :, :]
 
 
+class _LinearRecurrence(torch.autograd.Function):
+    """h_t = a_t h_{t-1} + x_t from h0, along dim -3, with the adjoint recurrence as backward.
+
+    Autograd through the blocked scan would allocate a full-size zero gradient for every step
+    it slices; the adjoint is itself a linear recurrence run backwards in time:
+    λ_t = g_t + a_{t+1} λ_{t+1},  dx_t = λ_t,  da_t = λ_t h_{t-1},  dh0 = a_0 λ_0.
+    """
+
+    @staticmethod
+    def forward(ctx, a, x, h0):
+        # Fold the initial state into the first input: h_0 = a_0 h0 + x_0.
+        first = torch.addcmul(x[..., :1, :, :], a[..., :1, :, :], h0[..., None, :, :])
+        h, _ = linear_scan(a, torch.cat([first, x[..., 1:, :, :]], -3))
+        ctx.save_for_backward(a, h, h0)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        a, h, h0 = ctx.saved_tensors
+        next_a = torch.cat([a[..., 1:, :, :], torch.zeros_like(a[..., :1, :, :])], -3)
+        lam, _ = linear_scan(next_a.flip(-3), grad_h.flip(-3))
+        lam = lam.flip(-3)
+        h_prev = torch.cat([h0[..., None, :, :], h[..., :-1, :, :]], -3)
+        return lam * h_prev, lam, a[..., 0, :, :] * lam[..., 0, :, :]
+
+
 def _scan_chunk(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, h0: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,8 +185,7 @@ def _scan_chunk(
     """
     decay = torch.exp(delta[..., None] * A[None, :, None])  # (batch, G, T, Dg, N)
     drive = (delta * u)[..., None] * B[:, :, :, None, :]  # (batch, G, T, Dg, N)
-    h, p = linear_scan(decay, drive)
-    h = torch.addcmul(h, p, h0[:, :, None])
+    h = _LinearRecurrence.apply(decay, drive, h0)
     y = (h * C[:, :, :, None, :]).sum(-1)
     return y, h[:, :, -1]
 
