@@ -26,8 +26,8 @@ class DynUNetConfig:
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"DynUNetConfig.spatial_dims must be 2 or 3, got {self.spatial_dims}")
-        if len(self.features) < 2:
-            raise ValueError(f"DynUNetConfig.features needs at least 2 stages, got {self.features}")
+        if len(self.features) < 3:  # MONAI's DynUNet needs >= 3 stages
+            raise ValueError(f"DynUNetConfig.features needs at least 3 stages, got {self.features}")
 
 
 def build_dynunet(config: DynUNetConfig) -> nn.Module:

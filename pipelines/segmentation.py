@@ -301,10 +301,9 @@ def train_segmentation(cfg: SegTrainConfig) -> dict[str, Any]:
     """
     from monai.data import CacheDataset, DataLoader
     from monai.losses import DiceCELoss
-    from safetensors.torch import load_file
-
     from medai.utils import seed_everything
     from models import create_model, save_weights
+    from models.registry import load_weights
 
     seed_everything(cfg.seed)
     out = Path(cfg.out_dir)
@@ -321,7 +320,7 @@ def train_segmentation(cfg: SegTrainConfig) -> dict[str, Any]:
     step, elapsed, bad_steps, history = 0, 0.0, 0, []
     if state_path.is_file() and weights_path.is_file():
         state = torch.load(state_path, weights_only=True)
-        model.load_state_dict(load_file(str(weights_path)))
+        load_weights(model, weights_path)  # strict, and aware of DynUNet's aliased modules
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed, bad_steps = int(state["step"]), float(state["elapsed"]), int(state["bad_steps"])
         history = json.loads((out / "train_log.json").read_text())["history"] if (out / "train_log.json").is_file() else []

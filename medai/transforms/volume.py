@@ -13,7 +13,7 @@ from typing import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 
-from medai.errors import InvalidVolumeError
+from medai.errors import InvalidVolumeError, MedaiError
 
 
 def _source(data: Mapping, key: Hashable) -> str | None:
@@ -84,6 +84,25 @@ class CheckVolumed:
         return data
 
 
+def _checked_compose(steps):
+    """A MONAI Compose that lets medai's typed errors through (MONAI wraps them in RuntimeError)."""
+    from monai.transforms import Compose
+
+    class CheckedCompose(Compose):
+        def __call__(self, data, *args, **kwargs):
+            try:
+                return super().__call__(data, *args, **kwargs)
+            except RuntimeError as exc:
+                cause = exc.__cause__
+                while cause is not None and not isinstance(cause, MedaiError):
+                    cause = cause.__cause__
+                if cause is not None:
+                    raise cause from None
+                raise
+
+    return CheckedCompose(steps)
+
+
 def segmentation_transforms(
     stage: str,
     roi_size: Sequence[int],
@@ -114,4 +133,4 @@ def segmentation_transforms(
         ]
     elif stage not in ("val", "infer"):
         raise ValueError(f"stage must be train, val or infer, got {stage!r}")
-    return mt.Compose(steps)
+    return _checked_compose(steps)
