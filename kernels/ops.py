@@ -9,4 +9,38 @@ from __future__ import annotations
 
 from kernels.dispatch import OPS, dispatch, register_op, select_backend
 
-__all__ = ["OPS", "dispatch", "register_op", "select_backend"]
+__all__ = ["OPS", "dispatch", "register_op", "select_backend", "selective_scan"]
+
+
+register_op("selective_scan", reference="kernels.selective_scan_ref:selective_scan_chunked", triton=None)
+
+
+def selective_scan(
+    u: "torch.Tensor",
+    delta: "torch.Tensor",
+    A: "torch.Tensor",
+    B: "torch.Tensor",
+    C: "torch.Tensor",
+    D: "torch.Tensor | None" = None,
+    z: "torch.Tensor | None" = None,
+    delta_bias: "torch.Tensor | None" = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+):
+    """Mamba's selective scan (mamba-ssm `selective_scan_fn` signature); returns (batch, dim, L) [, state].
+
+    u, delta, z: (batch, dim, L); A: (dim, N); B, C: (batch, N, L) or grouped (batch, G, N, L);
+    D, delta_bias: (dim,). Accumulates in fp32, returns u's dtype. On CUDA with `mamba-ssm`
+    installed and MEDAI_KERNELS=auto, mamba-ssm's fused kernel runs; otherwise medai's kernel or
+    its chunked PyTorch reference (kernels/selective_scan_ref.py).
+    """
+    from kernels.dispatch import kernel_mode
+    from medai.utils import is_installed
+
+    if u.device.type == "cuda" and kernel_mode() == "auto" and is_installed("mamba_ssm"):
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return dispatch("selective_scan", u.device)(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+    )
