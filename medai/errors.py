@@ -60,3 +60,7 @@ class OptionalDependencyError(MedaiError, ImportError):
     def __init__(self, package: str, feature: str, extra: str | None = None):
         hint = f"pip install 'medai[{extra}]'" if extra else f"pip install {package}"
         super().__init__(f"{feature} needs the optional package '{package}': {hint}")
+
+
+class ModelInputError(MedaiError, ValueError):
+    """A tensor given to a model has the wrong shape, channel count, size or non-finite values."""
