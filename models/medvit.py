@@ -347,7 +347,8 @@ class MedViT(nn.Module):
             ConvNormAct(config.in_chans, c0, 2), ConvNormAct(c0, c1, 1), ConvNormAct(c1, c2, 1), ConvNormAct(c2, c2, 2)
         )
         layout, dilations = stage_layout(config.depths), lfp_dilations(config)
-        drop_paths = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        total = sum(config.depths)  # stochastic depth grows linearly over all blocks
+        drop_paths = [config.drop_path_rate * i / max(1, total - 1) for i in range(total)]
         blocks, in_chans, index = [], c2, 0
         self.stage_ends: list[int] = []
         for stage, kinds in enumerate(layout):
@@ -561,7 +562,22 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def public_code_parameter_count(model: MedViT) -> int:
+    """Parameters the authors' MedViT.py would report for the same config (`sum(p.numel())`).
+
+    It also builds, in each GFP block, a locality feed-forward that its forward never calls,
+    and stores the KAN grids as frozen parameters; both are added to our trainable count.
+    """
+    extra = 0
+    for block in model.blocks:
+        if isinstance(block, GlobalFeaturePerception):
+            dim = block.kan_norm.num_features
+            unused = LocalityFeedForward(dim, 3, model.config.global_mlp_ratio, se_reduction=dim)
+            extra += count_parameters(unused) + sum(layer.basis.grid.numel() for layer in block.kan.layers)
+    return count_parameters(model) + extra
+
+
 __all__ = [
-    "MedViT", "MedViTConfig", "build_medvit", "convert_reference_state_dict", "count_parameters",
+    "MedViT", "MedViTConfig", "build_medvit", "public_code_parameter_count", "convert_reference_state_dict", "count_parameters",
     "lfp_dilations", "stage_layout", "VARIANTS",
 ]
