@@ -154,6 +154,27 @@ class _NeighborhoodAV(torch.autograd.Function):
         return grad_attn, grad_v, None, None
 
 
+def _whole_map_attention(
+    q: Tensor, k: Tensor, v: Tensor, row_bias: Tensor, col_bias: Tensor, rpb: Tensor | None, scale: float
+) -> Tensor:
+    """The window is the whole map (H = W = kernel_size): plain attention with a dense bias.
+
+    Common in small-input models (NATTEN pads small maps up to the window), and one fused
+    scaled_dot_product_attention call is much faster on CPU than gathering windows.
+    """
+    batch, heads, height, width, dim = q.shape
+    n = height * width
+    # every query's window starts at 0, so window slot (kh, kw) is key pixel (kh, kw)
+    bias = None
+    if rpb is not None:
+        bias = rpb[:, row_bias[:, None, :, None], col_bias[None, :, None, :]].reshape(heads, n, n)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.reshape(batch, heads, n, dim), k.reshape(batch, heads, n, dim), v.reshape(batch, heads, n, v.shape[-1]),
+        attn_mask=bias.to(q.dtype) if bias is not None else None, scale=scale,
+    )
+    return out.reshape(batch, heads, height, width, v.shape[-1])
+
+
 def neighborhood_attention_2d(
     q: Tensor,
     k: Tensor,
@@ -173,6 +194,8 @@ def neighborhood_attention_2d(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     rows, row_bias = neighbor_table(height, kernel_size, dilation, q.device)
     cols, col_bias = neighbor_table(width, kernel_size, dilation, q.device)
+    if height == kernel_size and width == kernel_size:
+        return _whole_map_attention(q, k, v, row_bias, col_bias, rpb, scale)
     logits = _NeighborhoodQK.apply(q * scale, k, rows, cols)
     if rpb is not None:
         # bias[n, h, w, kh, kw] = rpb[n, row_bias[h, kh], col_bias[w, kw]]; autograd scatters its grad

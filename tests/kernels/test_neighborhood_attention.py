@@ -160,6 +160,7 @@ def _inputs(batch, heads, height, width, dim, kernel_size, dtype=torch.float32, 
 
 # (height, width, kernel_size, dilation): odd, non-square, non-divisible by dilation, borders dominant
 SHAPES = [
+    (7, 7, 7, 1),  # window = whole map: the reference's dense fast path
     (7, 7, 3, 1),
     (9, 13, 3, 2),
     (11, 8, 5, 1),
@@ -186,7 +187,7 @@ def test_forward_matches_flex_attention(height, width, kernel_size, dilation):
     torch.testing.assert_close(na2d_reference(q, k, v, kernel_size, dilation, rpb), expected, **FP32)
 
 
-@pytest.mark.parametrize("height,width,kernel_size,dilation", [(9, 13, 3, 2), (11, 8, 5, 1), (14, 16, 7, 2)])
+@pytest.mark.parametrize("height,width,kernel_size,dilation", [(9, 13, 3, 2), (11, 8, 5, 1), (14, 16, 7, 2), (5, 5, 5, 1)])
 def test_gradients_match_brute_force_and_masked_dense(height, width, kernel_size, dilation):
     q, k, v, rpb = _inputs(2, 2, height, width, 8, kernel_size, seed=2, grad=True)
     grad_out = torch.randn(2, 2, height, width, 8, generator=torch.Generator().manual_seed(3))
@@ -200,7 +201,7 @@ def test_gradients_match_brute_force_and_masked_dense(height, width, kernel_size
         torch.testing.assert_close(grads["reference"][3], grads[peer][3], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("height,width,kernel_size,dilation", [(5, 6, 3, 1), (7, 6, 3, 2), (6, 7, 5, 1)])
+@pytest.mark.parametrize("height,width,kernel_size,dilation", [(5, 6, 3, 1), (7, 6, 3, 2), (6, 7, 5, 1), (5, 5, 5, 1)])
 def test_gradcheck_float64(height, width, kernel_size, dilation):
     q, k, v, rpb = _inputs(1, 2, height, width, 3, kernel_size, dtype=torch.float64, seed=4, grad=True)
     assert torch.autograd.gradcheck(
