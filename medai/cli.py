@@ -157,6 +157,19 @@ def models_list(pattern: str = typer.Argument("*", help="Shell-style pattern."))
     console.print(table)
 
 
+@models_app.command("convert-medvit")
+def models_convert_medvit(
+    source: Path = typer.Argument(..., help="A MedViTV2 checkpoint released by the authors (.pth)."),
+    destination: Path = typer.Argument(..., help="Where to write the safetensors file."),
+) -> None:
+    """Convert a public MedViTV2 checkpoint to safetensors (names mapped, loaded strictly)."""
+    from pipelines.convert_medvit import convert_medvit_checkpoint
+
+    result = convert_medvit_checkpoint(source, destination)
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in result["kwargs"].items())
+    console.print(f"wrote {result['path']}: create_model('{result['variant']}', pretrained='{result['path']}', {kwargs})")
+
+
 def main() -> None:
     """Console entry point."""
     app()

@@ -68,3 +68,7 @@ class InvalidVolumeError(MedaiError, ValueError):
     def __init__(self, path: str | Path | None, reason: str):
         self.path, self.reason = path, reason
         super().__init__(f"{path or '<in-memory volume>'}: {reason}")
+
+
+class ModelInputError(MedaiError, ValueError):
+    """A tensor given to a model has the wrong shape, channel count, size or non-finite values."""
