@@ -10,3 +10,10 @@ from __future__ import annotations
 from kernels.dispatch import OPS, dispatch, register_op, select_backend
 
 __all__ = ["OPS", "dispatch", "register_op", "select_backend"]
+
+register_op("gated_attention_pool", reference="kernels.gated_attention_pool_ref:gated_attention_pool_ref")
+
+
+def gated_attention_pool(h, wv, bv, wu, bu, ww, bw, mask=None):
+    """Gated attention MIL pooling with K branches: (pooled (K, D), logits (K, N) unmasked); see the reference."""
+    return dispatch("gated_attention_pool", h.device)(h, wv, bv, wu, bu, ww, bw, mask)
