@@ -52,18 +52,24 @@ def _check_inputs(h, wv, bv, wu, bu, ww, bw, mask) -> torch.Tensor | None:
 
 
 def gated_attention_logits(h: torch.Tensor, wv, bv, wu, bu, ww, bw) -> torch.Tensor:
-    """Return raw gated attention scores (K, N) for instances h (N, D), in float32 or h's wider dtype."""
+    """Return raw gated attention scores (K, N) for instances h (N, D), in h's dtype."""
     gate = torch.tanh(torch.nn.functional.linear(h, wv, bv)) * torch.sigmoid(torch.nn.functional.linear(h, wu, bu))
     return torch.nn.functional.linear(gate, ww, bw).transpose(0, 1)
 
 
+def _accumulation_dtype(h: torch.Tensor) -> torch.dtype:
+    """Softmax and sums run in fp32 for half inputs, in h's dtype for fp32/fp64."""
+    return torch.promote_types(h.dtype, torch.float32)
+
+
 def _pool_dense(h, wv, bv, wu, bu, ww, bw, mask):
     logits = gated_attention_logits(h, wv, bv, wu, bu, ww, bw)
-    scores = logits.float()
+    acc = _accumulation_dtype(h)
+    scores = logits.to(acc)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=1)
-    pooled = (weights @ h.float()).to(h.dtype)  # accumulate in fp32 whatever h's dtype
+    pooled = (weights @ h.to(acc)).to(h.dtype)
     return pooled, logits
 
 
@@ -71,15 +77,18 @@ def _pool_online(h, wv, bv, wu, bu, ww, bw, mask, chunk: int):
     """Chunked pool with an online softmax: exact, O(chunk * L) activation memory."""
     n, d = h.shape
     k = ww.shape[0]
-    running_max = torch.full((k, 1), float("-inf"), device=h.device, dtype=torch.float32)
-    running_sum = torch.zeros((k, 1), device=h.device, dtype=torch.float32)
-    accumulator = torch.zeros((k, d), device=h.device, dtype=torch.float32)
-    logits_chunks = []
+    acc = _accumulation_dtype(h)
+    running_max = torch.full((k, 1), float("-inf"), device=h.device, dtype=acc)
+    running_sum = torch.zeros((k, 1), device=h.device, dtype=acc)
+    accumulator = torch.zeros((k, d), device=h.device, dtype=acc)
+    # One preallocated (K, N) output: small per-chunk tensors kept alive between the large
+    # temporaries would fragment the CPU heap and inflate resident memory by hundreds of MiB.
+    all_logits = torch.empty((k, n), device=h.device, dtype=torch.result_type(h, wv))
     for start in range(0, n, chunk):
         h_chunk = h[start : start + chunk]
         logits = gated_attention_logits(h_chunk, wv, bv, wu, bu, ww, bw)
-        logits_chunks.append(logits)
-        scores = logits.float()
+        all_logits[:, start : start + chunk] = logits
+        scores = logits.to(acc)
         if mask is not None:
             scores = scores.masked_fill(~mask[:, start : start + chunk], float("-inf"))
         new_max = torch.maximum(running_max, scores.amax(dim=1, keepdim=True))
@@ -88,10 +97,10 @@ def _pool_online(h, wv, bv, wu, bu, ww, bw, mask, chunk: int):
         rescale = torch.exp(running_max - shift)
         exp_scores = torch.exp(scores - shift)
         running_sum = running_sum * rescale + exp_scores.sum(dim=1, keepdim=True)
-        accumulator = accumulator * rescale + exp_scores @ h_chunk.float()
+        accumulator = accumulator * rescale + exp_scores @ h_chunk.to(acc)
         running_max = new_max
     pooled = (accumulator / running_sum).to(h.dtype)
-    return pooled, torch.cat(logits_chunks, dim=1)
+    return pooled, all_logits
 
 
 def gated_attention_pool_ref(

@@ -241,10 +241,15 @@ class AttentionMIL(nn.Module):
         return {"logits": self.classifier(pooled.reshape(1, -1)), "attention": attention}
 
     @torch.no_grad()
-    def attention_scores(self, features: torch.Tensor) -> torch.Tensor:
-        """Per-branch attention probabilities (K, N) in eval mode (no masking), for heatmaps."""
-        _, logits = self.attention(self.embed(features))
-        return masked_softmax(logits)
+    def attention_scores(self, features: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+        """Per-branch attention probabilities (K, N), no masking, for heatmaps.
+
+        Runs `chunk` instances at a time, so memory is the features plus O(K N) scores, never
+        the (N, hidden) projection of a whole slide.
+        """
+        features = _as_bag(features)
+        logits = [self.attention(self.embed(features[s : s + chunk]))[1] for s in range(0, features.shape[0], chunk)]
+        return masked_softmax(torch.cat(logits, dim=1))
 
 
 # --------------------------------------------------------------------------------------
@@ -469,7 +474,7 @@ _ACMIL = dict(num_branches=5, n_masked_patch=10, mask_drop=0.6, head_mode="branc
 
 def _bracs(tag: str):
     def resolve():
-        from medai.io.acmil_checkpoint import resolve_acmil_bracs
+        from pipelines.mil_checkpoints import resolve_acmil_bracs
 
         return resolve_acmil_bracs(tag)
 
