@@ -1,7 +1,7 @@
 """Read torch `.pth` checkpoints without executing code: a restricted unpickler.
 
 A torch checkpoint is a zip archive holding `data.pkl` (a pickle) and one raw file per tensor
-storage. Unpickling can call any importable callable, so `torch.load(weights_only=False)` on
+storage. Unpickling can call any importable callable, so torch.load with weights_only off on
 a file from elsewhere can run arbitrary code. This reader allows only:
 
 - the tensor rebuild functions `torch._utils._rebuild_tensor(_v2)` and torch's typed storage
