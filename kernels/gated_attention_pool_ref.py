@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-# Above this many instances the pool runs chunked; 32k x L=128 fp32 is 16 MiB per branch activation.
-CHUNK_INSTANCES = 32768
+# Above this many instances the pool runs chunked; 16k x L=128 fp32 is 8 MiB per activation.
+CHUNK_INSTANCES = 16384
 
 
 def _check_inputs(h, wv, bv, wu, bu, ww, bw, mask) -> torch.Tensor | None:

@@ -148,6 +148,11 @@ def models_list(pattern: str = typer.Argument("*", help="Shell-style pattern."))
     console.print(table)
 
 
+from medai.cli_mil import mil_app  # noqa: E402  (the `medai mil` group)
+
+app.add_typer(mil_app, name="mil")
+
+
 def main() -> None:
     """Console entry point."""
     app()
