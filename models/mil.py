@@ -115,8 +115,10 @@ def attention_entropy_term(attention: torch.Tensor) -> torch.Tensor:
     """AEM term: sum_i p_i log p_i over instances, averaged over branches (negative entropy; 0 for masked)."""
     log_p = torch.log_softmax(attention.float(), dim=-1)
     p = log_p.exp()
-    plogp = torch.where(p > 0, p * log_p, torch.zeros_like(p))
-    return plogp.sum() / attention.shape[0]
+    # Zero the -inf logs *before* multiplying: a where() after p * log_p would pass 0 * -inf = nan
+    # into the gradient of masked instances.
+    safe_log_p = torch.where(p > 0, log_p, torch.zeros_like(log_p))
+    return (p * safe_log_p).sum() / attention.shape[0]
 
 
 def branch_diversity_loss(attention: torch.Tensor) -> torch.Tensor:

@@ -118,6 +118,9 @@ def test_entropy_term_equals_direct_computation():
     p = torch.softmax(logits.double(), dim=1).numpy()
     direct = sum(sum(pi * math.log(pi) for pi in row if pi > 0) for row in p) / 3
     assert float(attention_entropy_term(logits)) == pytest.approx(direct, rel=1e-5)
+    leaf = logits.clone().requires_grad_()
+    attention_entropy_term(leaf).backward()
+    assert torch.isfinite(leaf.grad).all() and (leaf.grad[1, :5] == 0).all()  # masked: finite, zero gradient
     uniform = torch.zeros(1, 64)
     assert float(attention_entropy_term(uniform)) == pytest.approx(-math.log(64), rel=1e-6)
 
