@@ -221,3 +221,42 @@ def read_clam_bags(folder: str | Path, labels_csv: str | Path) -> list[MILBag]:
         features, coords = read_clam_h5(path)
         bags.append(MILBag(slide_id, features, label, coords=coords, meta={"path": str(path)}))
     return bags
+
+
+def build_medmnist_bags(
+    images: np.ndarray,
+    labels: np.ndarray,
+    n_bags: int,
+    bag_size: int = 10,
+    bag_size_sd: float = 2.0,
+    prevalence: float = 0.5,
+    positive_class: int = 1,
+    seed: int = 0,
+    prefix: str = "bag",
+) -> list[MILBag]:
+    """MedMNIST-bags in the style of Ilse et al.'s MNIST-bags: bags of real images, positive iff one holds a positive image.
+
+    Bag sizes are drawn from Normal(bag_size, bag_size_sd) (at least 1); a `prevalence` share of
+    bags is positive and holds 1..size positive images, the rest only negatives. Instances are the
+    flattened images scaled to [0, 1] (features (N, H*W*C)); instance labels mark positive images.
+    """
+    if not 0.0 < prevalence < 1.0:
+        raise ValueError(f"prevalence must be in (0, 1), got {prevalence}")
+    rng = np.random.default_rng(seed)
+    flat_labels = np.asarray(labels).reshape(len(labels), -1)[:, 0]
+    positives = np.flatnonzero(flat_labels == positive_class)
+    negatives = np.flatnonzero(flat_labels != positive_class)
+    if len(positives) == 0 or len(negatives) == 0:
+        raise ValueError("building MIL bags needs both positive and negative images")
+    features = images.reshape(len(images), -1).astype(np.float32) / 255.0
+    bags = []
+    for i in range(n_bags):
+        size = max(1, int(round(rng.normal(bag_size, bag_size_sd))))
+        positive = rng.random() < prevalence
+        n_pos = int(rng.integers(1, size + 1)) if positive else 0
+        chosen = np.concatenate([rng.choice(positives, n_pos), rng.choice(negatives, size - n_pos)]).astype(int)
+        rng.shuffle(chosen)
+        instance_labels = (flat_labels[chosen] == positive_class).astype(np.int64)
+        bags.append(MILBag(f"{prefix}{i}", features[chosen], int(positive), instance_labels=instance_labels,
+                           meta={"image_indices": chosen}))
+    return bags

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from medai.io.mil_bags import (
     MILBag,
+    build_medmnist_bags,
     read_bag_csv,
     read_clam_bags,
     read_mil_toolbox_mat,
@@ -37,7 +38,7 @@ from pipelines.tasks import Task, TaskData, register_task
 class MILOptions:
     """`data.options` of the MIL task."""
 
-    format: Literal["auto", "mil_toolbox", "bag_csv", "sicapv2", "clam_h5"] = "auto"
+    format: Literal["auto", "mil_toolbox", "bag_csv", "sicapv2", "clam_h5", "medmnist_bags"] = "auto"
     labels_csv: Path | None = None  # clam_h5: slide_id,label
     splits_csv: Path | None = None  # slide_id,split; None: stratified k-fold below
     folds: int = 10
@@ -48,6 +49,12 @@ class MILOptions:
     max_instances: int | None = None  # train-time subsampling cap
     min_fraction: float = 1.0  # train-time random subset of at least this share of each bag
     aem_anneal_epochs: int | None = None  # cosine schedule length for AEM (None: per model config)
+    # medmnist_bags: bags built from a MedMNIST .npz's train+val+test images (Ilse et al.'s MNIST-bags style)
+    n_bags: int = 200
+    bag_size: int = 10
+    bag_size_sd: float = 2.0
+    prevalence: float = 0.5
+    positive_class: int = 1  # the abnormal class: 0 (malignant) for BreastMNIST, 1 (pneumonia) for PneumoniaMNIST
 
 
 def read_bags(path: Path, opts: MILOptions) -> list[MILBag]:
@@ -68,6 +75,15 @@ def read_bags(path: Path, opts: MILOptions) -> list[MILBag]:
         return read_bag_csv(path)
     if fmt == "sicapv2":
         return read_sicapv2_bags(path)
+    if fmt == "medmnist_bags":
+        from medai.io.medmnist import load_medmnist
+
+        data = load_medmnist(path)
+        images = np.concatenate([split.images for split in data.splits.values()])
+        labels = np.concatenate([split.labels for split in data.splits.values()])
+        # Fixed bag-building seed: every model and training seed sees the same bags.
+        return build_medmnist_bags(images, labels, opts.n_bags, opts.bag_size, opts.bag_size_sd, opts.prevalence,
+                                   opts.positive_class)
     if opts.labels_csv is None:
         raise ValueError(f"{path}: HDF5 feature folders need data.options.labels_csv (slide_id,label)")
     return read_clam_bags(path, opts.labels_csv)

@@ -91,3 +91,19 @@ def test_splits_file(tmp_path):
     path.write_text("slide_id,split\na,train\na,test\n")
     with pytest.raises(MILDataError, match="more than one split"):
         read_splits(path)
+
+
+def test_medmnist_bags_follow_the_mnist_bags_rule(breastmnist_path):
+    from medai.io.medmnist import load_medmnist
+    from medai.io.mil_bags import build_medmnist_bags
+
+    train = load_medmnist(breastmnist_path).splits["train"]
+    bags = build_medmnist_bags(train.images, train.labels, n_bags=300, bag_size=8, prevalence=0.3, positive_class=0, seed=1)  # 0 = malignant
+    assert len(bags) == 300
+    for bag in bags:
+        assert bag.label == int(bag.instance_labels.any())  # positive iff it holds a positive image
+        assert bag.features.shape[1] == 28 * 28 and 0.0 <= bag.features.min() and bag.features.max() <= 1.0
+        np.testing.assert_allclose(bag.features[0], train.images[bag.meta["image_indices"][0]].reshape(-1) / 255.0, rtol=1e-6)
+        assert (bag.instance_labels == (train.labels[bag.meta["image_indices"], 0] == 0)).all()
+    assert 0.22 < np.mean([b.label for b in bags]) < 0.38
+    assert 6 < np.mean([b.num_instances for b in bags]) < 10
