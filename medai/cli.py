@@ -170,6 +170,11 @@ def models_convert_medvit(
     console.print(f"wrote {result['path']}: create_model('{result['variant']}', pretrained='{result['path']}', {kwargs})")
 
 
+from medai.cli_mil import mil_app  # noqa: E402  (the `medai mil` group)
+
+app.add_typer(mil_app, name="mil")
+
+
 def main() -> None:
     """Console entry point."""
     app()
