@@ -210,3 +210,13 @@ def test_no_cache_loop_sees_the_whole_prompt(tiny_vlm, vqa_items):
     finally:
         del tiny_vlm.language_model.forward
     assert len(lengths) >= 2 and lengths == list(range(lengths[0], lengths[0] + len(lengths)))
+
+
+def test_medvit_backbone_by_registry_name(tiny_lm_path, vqa_items):
+    """MedViT-V2 (issue 7) plugs in by name through the same forward_features contract."""
+    cfg = VLMConfig(backbone="medvit_tiny", backbone_pretrained=None, image_size=64, num_image_tokens=4,
+                    language_model=str(tiny_lm_path), max_new_tokens=2)
+    model = VisionLanguageModel.from_config(cfg).eval()
+    tokens = model.encode_images(model.preprocess(vqa_items[1][:1]))
+    assert tokens.shape == (1, 4, 32)
+    assert model.answer(vqa_items[1][0], vqa_items[0][0].question).num_tokens <= 2
