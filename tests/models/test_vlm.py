@@ -189,8 +189,10 @@ def test_no_cache_reference_matches_cached_generation(smollm2_path, vqa_items):
     items, images = vqa_items
     model = create_model("vlm_lite0_smollm2").eval()
     questions = [it.question for it in items[:2]]
-    cached = model.generate_answers(images[:2], questions, max_new_tokens=6, use_cache=True)
-    uncached = model.generate_answers(images[:2], questions, max_new_tokens=6, use_cache=False)
+    # A generous time bound: on a loaded 2-core box the default 30 s can end a generation early.
+    cached = model.generate_answers(images[:2], questions, max_new_tokens=6, use_cache=True, max_time_s=600)
+    uncached = model.generate_answers(images[:2], questions, max_new_tokens=6, use_cache=False, max_time_s=600)
+    assert all(g.stopped_by != "max_time" for g in cached + uncached)
     assert [g.text for g in cached] == [g.text for g in uncached]
 
 
