@@ -53,6 +53,8 @@ class VQAEvalConfig:
     limit: int | None = None  # first N test items (in file order), for quick runs
     batch_size: int = 8
     max_new_tokens: int = 12
+    # A safety net only: a time-cut answer is scored as given, so keep this far above a batch's need.
+    max_time_s: float = 900.0
     n_boot: int = 2000
 
 
@@ -66,7 +68,8 @@ def _read_done(path: Path) -> dict[str, dict[str, Any]]:
     return done
 
 
-def run_condition(model: Any, items: Sequence[VQAItem], condition: str, path: Path, batch_size: int, max_new_tokens: int) -> list[dict[str, Any]]:
+def run_condition(model: Any, items: Sequence[VQAItem], condition: str, path: Path, batch_size: int,
+                  max_new_tokens: int, max_time_s: float = 900.0) -> list[dict[str, Any]]:
     """Answer every item under one condition, appending to `path` (resumes where it stopped)."""
     from PIL import Image
     from tqdm import tqdm
@@ -84,7 +87,8 @@ def run_condition(model: Any, items: Sequence[VQAItem], condition: str, path: Pa
             try:
                 images = [Image.open(it.image_path).convert("RGB") for it in chunk] if image_mode != "none" else None
                 gens = model.generate_answers(images, [it.question for it in chunk], image_mode=image_mode,
-                                              mitigation=mitigation, max_new_tokens=max_new_tokens)
+                                              mitigation=mitigation, max_new_tokens=max_new_tokens,
+                                              max_time_s=max_time_s)
                 records = [{"qid": it.qid, "prediction": g.text, "stopped_by": g.stopped_by} for it, g in zip(chunk, gens)]
             except (VLMInputError, OSError) as exc:  # a bad item is recorded, the job goes on
                 log.warning("%s: %d item(s) failed: %s", condition, len(chunk), exc)
@@ -136,9 +140,10 @@ def evaluate_vqa_rad(model: Any, cfg: VQAEvalConfig) -> dict[str, Any]:
         if condition not in CONDITIONS:
             raise ValueError(f"unknown condition '{condition}' (known: {', '.join(CONDITIONS)})")
         records = run_condition(model, test, condition, cfg.out_dir / f"predictions_{condition}.jsonl",
-                                cfg.batch_size, cfg.max_new_tokens)
+                                cfg.batch_size, cfg.max_new_tokens, cfg.max_time_s)
         per_item[condition] = score(test, [r["prediction"] for r in records])
-        results["conditions"][condition] = {"failed": sum("error" in r for r in records)}
+        results["conditions"][condition] = {"failed": sum("error" in r for r in records),
+                                            "cut_by_time": sum(r.get("stopped_by") == "max_time" for r in records)}
     for name, values in per_item.items():
         results["conditions"].setdefault(name, {}).update(summarise(values, cfg.n_boot))
     # Paired differences on the same questions: does the image help, and does VCD change anything?

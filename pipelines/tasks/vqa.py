@@ -34,6 +34,7 @@ class VQAOptions:
     val_fraction: float = 0.1  # of training images, held out with all their questions
     image_size: int = 224
     max_new_tokens: int = 8  # answers in VQA-RAD are short; bounded generation at evaluation
+    max_time_s: float = 900.0  # per batch; a safety net, far above what a batch needs
 
 
 class VQADataset(Dataset):
@@ -136,7 +137,8 @@ class VQATask(Task):
         pixels = self._pixels(model, batch)
         gens = model.generate_answers(None, batch["question"], pixel_values=pixels,
                                       image_mode="image" if pixels is not None else "none",
-                                      max_new_tokens=opts.max_new_tokens, validate=False)
+                                      max_new_tokens=opts.max_new_tokens, max_time_s=opts.max_time_s,
+                                      validate=False)
         obj = lambda values: np.array(list(values), dtype=object)  # noqa: E731
         return {"qid": obj(batch["qid"]), "prediction": obj(g.text for g in gens), "answer": obj(batch["answer"]),
                 "answer_norm": obj(batch["answer_norm"]), "closed": batch["closed"].cpu().numpy()}
