@@ -47,3 +47,17 @@ def test_evaluation_job_runs_all_conditions_and_resumes(tiny_vlm, vqa_rad_path, 
     assert "MEVF+BAN" in (tmp_path / "summary.md").read_text()
     evaluate_vqa_rad(tiny_vlm, cfg)  # resumes: nothing is answered twice
     assert len((tmp_path / "predictions_image.jsonl").read_text().splitlines()) == 6
+
+
+def test_templated_evaluation_scores_each_condition(tiny_vlm, breastmnist_path):
+    import itertools
+
+    from medai.io.templated_vqa import breastmnist_questions
+    from pipelines.vqa import evaluate_templated
+
+    questions = list(itertools.islice(breastmnist_questions(breastmnist_path), 4))
+    results = evaluate_templated(tiny_vlm, questions, max_new_tokens=2, n_boot=20)
+    assert results["templated"] and results["n"] == 4
+    for condition in ("image", "blank", "blind"):
+        m = results["conditions"][condition]
+        assert 0 <= m["ci_low"] <= m["accuracy"] <= m["ci_high"] <= 100
