@@ -15,6 +15,9 @@ data_app = typer.Typer(help="Shared data: list and verify.", no_args_is_help=Tru
 models_app = typer.Typer(help="Registered models.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
+from medai.cli_slides import slides_app  # noqa: E402  (the `medai slides ...` group)
+
+app.add_typer(slides_app, name="slides")
 console = Console()
 
 
