@@ -458,13 +458,16 @@ def _error_record(entry: SlideEntry, exc: BaseException) -> dict[str, Any]:
     }
 
 
-def run_extraction(entries: Iterable[SlideEntry], cfg: ExtractConfig) -> dict[str, Any]:
-    """Process every slide (skipping finished or locked ones), record each outcome; return the run summary."""
+def run_extraction(entries: Iterable[SlideEntry], cfg: ExtractConfig, encoder: Encoder | None = None) -> dict[str, Any]:
+    """Process every slide (skipping finished or locked ones), record each outcome; return the run summary.
+
+    `encoder` reuses an already built encoder (it must match `cfg.encoder`); default: built from `cfg.encoder`.
+    """
     entries = list(entries)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = _resolve_device(cfg.device)
-    encoder = build_encoder(cfg.encoder)
+    encoder = encoder or build_encoder(cfg.encoder)
     encoder.model.to(device)
     started = _now()
     outcomes: list[dict[str, Any]] = []

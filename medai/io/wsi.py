@@ -308,7 +308,7 @@ class _OpenSlideFamily(WholeSlide):
         module = optional_import(self.module_name, "reading whole-slide images", "wsi")
         self._module = module
         self._slide = self._open(module, str(self.path))
-        self.properties = {str(k): str(v) for k, v in dict(self._slide.properties).items()}
+        self.properties = {str(k): str(v) for k, v in dict(self._slide.properties).items() if v is not None}
         self.dimensions = tuple(int(v) for v in self._slide.dimensions)
         self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
