@@ -98,6 +98,8 @@ def _to_rgb(image: Any) -> np.ndarray:
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
     if array.shape[2] == 4:
+        if array[..., 3].min() == 255:  # fully opaque (the usual case): no compositing needed
+            return np.ascontiguousarray(array[..., :3])
         alpha = array[..., 3:4].astype(np.uint16)
         rgb = array[..., :3].astype(np.uint16)
         # OpenSlide returns premultiplied RGBA: colour + (255 - alpha) is the white composite.
