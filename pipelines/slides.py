@@ -49,8 +49,15 @@ def segmentation_downsample(slide: WholeSlide, cfg: TissueConfig) -> float:
     """Return level-0 px per mask px: `cfg.seg_mpp` when the scale is known, capped by `cfg.seg_max_side`."""
     by_side = max(slide.dimensions) / cfg.seg_max_side
     if slide.mpp is not None:
-        return max(1.0, cfg.seg_mpp / slide.mpp, by_side)
-    return max(1.0, by_side, max(slide.dimensions) / 2048)
+        wanted = max(1.0, cfg.seg_mpp / slide.mpp, by_side)
+    else:
+        wanted = max(1.0, by_side, max(slide.dimensions) / 2048)
+    # A stored level up to 2x coarser is used as is: decoding a finer level to shrink it costs
+    # minutes on a gigapixel slide and changes the mask little.
+    for level_ds in sorted(slide.level_downsamples):
+        if wanted <= level_ds <= 2 * wanted:
+            return float(level_ds)
+    return wanted
 
 
 def segment_slide(
