@@ -17,6 +17,10 @@ console = Console()
 _MPP_HELP = "Level-0 µm/px to use when the slide has none (or to override it)."
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _fail(exc: Exception) -> None:
     console.print(f"[red]error[/] {type(exc).__name__}: {exc}")
     raise typer.Exit(1)
@@ -133,7 +137,7 @@ def slides_extract(
     from pipelines.extract_features import ExtractConfig, read_slide_list, run_extraction
 
     # SIGTERM (batch schedulers) unwinds like Ctrl-C so temporaries are removed and locks released.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         entries = read_slide_list(slides or [], csv_path)
         if mpp is not None:

@@ -226,6 +226,12 @@ class PatchDataset(torch.utils.data.Dataset):
             )
         return torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1), index
 
+    def close(self) -> None:
+        """Close this process's slide handle (workers' handles close with the workers)."""
+        if self._slide is not None:
+            self._slide.close()
+            self._slide = None
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_slide"] = None  # never share an open handle across processes
@@ -288,6 +294,7 @@ def encode_patches(
             done += len(tiles)
             bar.update(len(tiles))
     bar.close()
+    dataset.close()
     return done
 
 
@@ -494,8 +501,7 @@ def run_extraction(entries: Iterable[SlideEntry], cfg: ExtractConfig, encoder: E
                     log.info("%s: removed temporaries of an interrupted run", entry.slide_id)
             try:
                 record = extract_slide(entry, cfg, encoder, device)
-            except (MedaiError, OSError, RuntimeError, ValueError) as exc:
-                # RuntimeError: DataLoader workers re-raise tile errors as RuntimeError.
+            except Exception as exc:  # one bad slide never stops the batch (Ctrl-C / SIGTERM still do)
                 record = _error_record(entry, exc)
                 log.warning("%s failed: %s: %s", entry.slide_id, record["error_type"], record["error"])
             record["finished_at"] = _now()

@@ -78,22 +78,32 @@ def score_map(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (value map, coverage mask) of shape `shape` for patches drawn at `scale` output px per level-0 px."""
     cv2 = optional_import("cv2", "heatmaps", "wsi")
-    height, width = shape
-    total = np.zeros(shape, np.float64)
-    count = np.zeros(shape, np.float64)
-    x0 = np.floor((coords[:, 0] - origin[0]) * scale).astype(int)
-    y0 = np.floor((coords[:, 1] - origin[1]) * scale).astype(int)
-    side = max(1, int(round(patch_size_level0 * scale)))
-    for x, y, v in zip(x0, y0, values):
-        xa, ya, xb, yb = max(x, 0), max(y, 0), min(x + side, width), min(y + side, height)
-        if xa < xb and ya < yb:
-            total[ya:yb, xa:xb] += v
-            count[ya:yb, xa:xb] += 1
+
+    def paint(at_scale: float, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, int]:
+        total, count = np.zeros(size, np.float64), np.zeros(size, np.float64)
+        x0 = np.floor((coords[:, 0] - origin[0]) * at_scale).astype(int)
+        y0 = np.floor((coords[:, 1] - origin[1]) * at_scale).astype(int)
+        side = max(1, int(round(patch_size_level0 * at_scale)))
+        for x, y, v in zip(x0, y0, values):
+            xa, ya, xb, yb = max(x, 0), max(y, 0), min(x + side, size[1]), min(y + side, size[0])
+            if xa < xb and ya < yb:
+                total[ya:yb, xa:xb] += v
+                count[ya:yb, xa:xb] += 1
+        return total, count, side
+
+    total, count, side = paint(scale, shape)
     covered = count > 0
     if smooth and side >= 2:
-        sigma = side / 2
-        total = cv2.GaussianBlur(total, (0, 0), sigma)
-        count = cv2.GaussianBlur(count, (0, 0), sigma)
+        # Blur on a coarse grid (8 px per patch) and interpolate up: the same smooth field as a
+        # full-size Gaussian of half a patch, at a cost independent of the output size.
+        coarse = min(1.0, 8.0 / side)
+        small = (max(1, round(shape[0] * coarse)), max(1, round(shape[1] * coarse)))
+        total, count, small_side = paint(scale * coarse, small)
+        total = cv2.GaussianBlur(total, (0, 0), small_side / 2)
+        count = cv2.GaussianBlur(count, (0, 0), small_side / 2)
+        if small != shape:
+            total = cv2.resize(total, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+            count = cv2.resize(count, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
     value = np.divide(total, count, out=np.zeros(shape), where=count > 1e-6)
     return np.clip(value, 0, 1), covered
 
