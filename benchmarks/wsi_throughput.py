@@ -8,7 +8,8 @@ On the generated 50,000 x 50,000 px Aperio-style slide (benchmarks/make_gigapixe
 2. tile pipeline alone (read, decode, resize, batch; no encoder): plain loop vs medai with 0 and 2 workers;
 3. end to end with the encoder (ImageNet EfficientNet-Lite0): plain loop vs medai with 0 and 2 workers;
 4. memory against slide size: the same medai run on a 20,000 px slide, and on twice the patches.
-Every configuration runs in its own process, so each peak RSS (main process; largest worker) is its own.
+Every configuration runs in its own process, so each peak RSS (main process; largest worker) is its own;
+each runs `--repeats` times and the fastest run is kept (the machine may be shared), the largest RSS.
 Ratios are against the plain loop measured in the same run; absolute numbers depend on the machine.
 """
 
@@ -95,6 +96,15 @@ def child(args: argparse.Namespace) -> None:
 
 
 def _run_child(slide: Path, coords: np.ndarray, grid: dict, mode: str, workers: int, encoder: str, args) -> dict:
+    """Run one configuration `args.repeats` times in fresh processes; keep the fastest (least disturbed) run."""
+    runs = [_run_child_once(slide, coords, grid, mode, workers, encoder, args) for _ in range(args.repeats)]
+    best = max(runs, key=lambda r: r["tiles_per_s"])
+    best["rss_main_mb"] = max(r["rss_main_mb"] for r in runs)  # memory: the worst run
+    best["rss_worker_mb"] = max(r["rss_worker_mb"] for r in runs)
+    return best
+
+
+def _run_child_once(slide: Path, coords: np.ndarray, grid: dict, mode: str, workers: int, encoder: str, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "c.npy", coords)
         (Path(tmp) / "g.json").write_text(json.dumps(grid))
@@ -160,6 +170,7 @@ def main() -> None:
     parser.add_argument("--encoder", default="efficientnet_lite0")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration (fastest kept: shared machines are noisy)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="medai", help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
@@ -188,7 +199,10 @@ def main() -> None:
     small = _ensure_slide(args.small_size, None)
     _, small_coords, small_grid = _grid(small)
     subset = _spread(coords, args.patches)
+    n_enc = args.encoder_patches
     scale_rows = [
+        (f"{args.size} px slide, {n_enc} tiles, encoder", _run_child(big, _spread(coords, n_enc), grid, "medai", 2, args.encoder, args)),
+        (f"{args.size} px slide, {2 * n_enc} tiles, encoder", _run_child(big, _spread(coords, 2 * n_enc), grid, "medai", 2, args.encoder, args)),
         (f"{args.small_size} px slide, {args.patches} tiles", _run_child(small, _spread(small_coords, args.patches), small_grid, "medai", 2, "none", args)),
         (f"{args.size} px slide, {args.patches} tiles", _run_child(big, subset, grid, "medai", 2, "none", args)),
         (f"{args.size} px slide, {2 * args.patches} tiles", _run_child(big, _spread(coords, 2 * args.patches), grid, "medai", 2, "none", args)),
@@ -198,9 +212,9 @@ def main() -> None:
     for label, name, res, ratio in rows:
         print(f"{label:<14} {name:<24} {res['tiles']:>6} {res['tiles_per_s']:>9.1f} {ratio:>8.2f}x "
               f"{res['rss_main_mb']:>12.0f} {res['rss_worker_mb']:>14.0f}")
-    print("\nmemory against slide size (medai, 2 workers, tile pipeline):")
+    print("\nmemory against slide size and tile count (medai, 2 workers; tile pipeline unless 'encoder'):")
     for name, res in scale_rows:
-        print(f"  {name:<34} peak RSS main {res['rss_main_mb']:>6.0f} MB, worker {res['rss_worker_mb']:>6.0f} MB, {res['tiles_per_s']:.1f} tiles/s")
+        print(f"  {name:<44} peak RSS main {res['rss_main_mb']:>6.0f} MB, worker {res['rss_worker_mb']:>6.0f} MB, {res['tiles_per_s']:.1f} tiles/s")
 
 
 if __name__ == "__main__":

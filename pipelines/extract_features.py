@@ -284,9 +284,15 @@ def encode_patches(
     std = torch.tensor(encoder.std, device=device).view(1, 3, 1, 1) * 255
     done = 0
     bar = _tqdm(total=len(dataset), desc=desc, unit="patch", leave=False, disable=not progress)
+    buffer: torch.Tensor | None = None
     with torch.inference_mode():
         for tiles, index in loader:
-            batch = (tiles.to(device, non_blocking=True).float() - mean) / std
+            # Normalise into one reused float buffer: a fresh 25 MB tensor per batch makes glibc's
+            # heap creep upwards over thousands of batches (its mmap threshold adapts upwards).
+            if buffer is None or buffer.shape[1:] != tiles.shape[1:] or buffer.shape[0] < len(tiles):
+                buffer = torch.empty(tiles.shape, dtype=torch.float32, device=device)
+            batch = buffer[: len(tiles)]
+            batch.copy_(tiles.to(device, non_blocking=True)).sub_(mean).div_(std)
             with _autocast(device, precision):
                 features = encoder.model(batch)
             start, stop = int(index[0]), int(index[-1]) + 1
