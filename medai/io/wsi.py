@@ -12,7 +12,9 @@ as absent, with a warning. Code that needs a physical scale calls `require_mpp()
 MppUnknownError naming the file and the flag that overrides it.
 
 Regions come back as RGB uint8 arrays (H, W, 3); transparent pixels (outside scanned areas)
-are composited on white, as glass looks.
+are composited on white, as glass looks. A tile that fails to decode raises WSIReadError. OpenSlide
+reports truncated JPEG tiles ('Corrupt JPEG data'); tiffslide (imagecodecs) decodes them silently
+into wrong pixels, one more reason OpenSlide comes first.
 """
 
 from __future__ import annotations

@@ -179,3 +179,29 @@ def test_sigkill_mid_slide_then_rerun_finishes_without_redoing(tmp_path, shared_
     for slide_id in ("cmu", "tcga", "dicom"):
         features, coords, _ = read_patch_features(out / "features" / f"{slide_id}.h5")
         assert len(features) == len(coords) > 0 and np.isfinite(features).all()
+
+
+def test_local_timm_encoder_checkpoint_plugs_in(tmp_path, wsi_cmu1_small_region_path):
+    import timm
+
+    from medai.errors import CheckpointError
+    from models.registry import save_weights
+
+    # a user's own encoder: any timm architecture with weights in a local safetensors file
+    own = timm.create_model("test_efficientnet", num_classes=0).eval()
+    weights = save_weights(own, tmp_path / "my_encoder.safetensors")
+    encoder = build_encoder(EncoderConfig(name="timm:test_efficientnet", pretrained=str(weights)))
+    assert encoder.feature_dim == 256 and encoder.mean == (0.485, 0.456, 0.406)
+    out = tmp_path / "run"
+    cfg = ExtractConfig(
+        out_dir=out, encoder=EncoderConfig(name="timm:test_efficientnet", pretrained=str(weights)),
+        patch=PatchConfig(**PATCH), batch_size=64, num_workers=0, progress=False,
+    )
+    run_extraction([SlideEntry(wsi_cmu1_small_region_path, "cmu")], cfg, encoder)
+    features, coords, attrs = read_patch_features(out / "features" / "cmu.h5")
+    assert features.shape[1] == 256 and attrs["encoder"] == "timm:test_efficientnet"
+    x = torch.zeros(1, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(own(x), encoder.model(x))  # the file's weights, not a fresh initialisation
+    with pytest.raises(CheckpointError):
+        build_encoder(EncoderConfig(name="timm:test_resnet", pretrained=str(weights)))  # wrong architecture
