@@ -29,13 +29,17 @@ TILE = 256
 
 
 def _encode(cv2, rgb: np.ndarray, quality: int) -> bytes:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
+    )
     if not ok:
         raise RuntimeError("JPEG encoding failed")
     return buf.tobytes()
 
 
-def tile_pool(source: Path, rng: np.random.Generator, n_source: int = 48) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def tile_pool(
+    source: Path, rng: np.random.Generator, n_source: int = 48
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Return (tissue tiles, glass tiles) as RGB arrays: real H&E tiles with flips/rotations, and noisy glass."""
     from medai.io.wsi import open_slide
     from medai.transforms.tissue import TissueConfig, detect_tissue
@@ -43,7 +47,9 @@ def tile_pool(source: Path, rng: np.random.Generator, n_source: int = 48) -> tup
     with open_slide(source) as slide:
         width, height = slide.dimensions
         thumb = slide.read_downsampled(16)
-        mask = detect_tissue(thumb, (width / thumb.shape[1], height / thumb.shape[0]), slide.mpp, TissueConfig()).mask
+        mask = detect_tissue(
+            thumb, (width / thumb.shape[1], height / thumb.shape[0]), slide.mpp, TissueConfig()
+        ).mask
         tiles = []
         for _ in range(n_source * 20):
             x, y = int(rng.integers(0, width - TILE)), int(rng.integers(0, height - TILE))
@@ -51,12 +57,21 @@ def tile_pool(source: Path, rng: np.random.Generator, n_source: int = 48) -> tup
                 tiles.append(slide.read_region((x, y), 0, (TILE, TILE)))
             if len(tiles) == n_source:
                 break
-    tissue = [np.ascontiguousarray(np.rot90(t[:, ::-1] if f else t, k)) for t in tiles for f in (0, 1) for k in range(4)]
-    glass = [np.clip(rng.normal(243, 2.5, (TILE, TILE, 3)), 0, 255).astype(np.uint8) for _ in range(8)]
+    tissue = [
+        np.ascontiguousarray(np.rot90(t[:, ::-1] if f else t, k))
+        for t in tiles
+        for f in (0, 1)
+        for k in range(4)
+    ]
+    glass = [
+        np.clip(rng.normal(243, 2.5, (TILE, TILE, 3)), 0, 255).astype(np.uint8) for _ in range(8)
+    ]
     return tissue, glass
 
 
-def tissue_layout(n_tiles_y: int, n_tiles_x: int, rng: np.random.Generator, fraction: float = 0.4) -> np.ndarray:
+def tissue_layout(
+    n_tiles_y: int, n_tiles_x: int, rng: np.random.Generator, fraction: float = 0.4
+) -> np.ndarray:
     """Return a boolean tile map with a few smooth tissue fragments covering about `fraction`."""
     import cv2
 
@@ -65,7 +80,9 @@ def tissue_layout(n_tiles_y: int, n_tiles_x: int, rng: np.random.Generator, frac
     return smooth > np.quantile(smooth, 1 - fraction)
 
 
-def write_slide(out: Path, size: int = 50_000, mpp: float = 0.5, quality: int = 80, seed: int = 0) -> Path:
+def write_slide(
+    out: Path, size: int = 50_000, mpp: float = 0.5, quality: int = 80, seed: int = 0
+) -> Path:
     """Write the pyramidal TIFF to `out`; return it."""
     import cv2
     import tifffile
@@ -79,7 +96,9 @@ def write_slide(out: Path, size: int = 50_000, mpp: float = 0.5, quality: int = 
     ny = nx = -(-size // TILE)
     tissue = tissue_layout(ny, nx, rng)
     choice = np.where(
-        tissue, rng.integers(0, len(tissue_tiles), (ny, nx)), len(tissue_tiles) + rng.integers(0, len(glass_tiles), (ny, nx))
+        tissue,
+        rng.integers(0, len(tissue_tiles), (ny, nx)),
+        len(tissue_tiles) + rng.integers(0, len(glass_tiles), (ny, nx)),
     )
     log.info("%d x %d px, %d x %d tiles, %.0f%% tissue", size, size, nx, ny, 100 * tissue.mean())
     appmag = round(10 / mpp)
@@ -93,7 +112,10 @@ def write_slide(out: Path, size: int = 50_000, mpp: float = 0.5, quality: int = 
 
     def downsampled_level(factor: int) -> np.ndarray:
         # true downsample of level 0: each pool tile shrunk once, placed into the level's canvas
-        small = [cv2.resize(t, (TILE // factor, TILE // factor), interpolation=cv2.INTER_AREA) for t in pool]
+        small = [
+            cv2.resize(t, (TILE // factor, TILE // factor), interpolation=cv2.INTER_AREA)
+            for t in pool
+        ]
         s = TILE // factor
         canvas = np.empty((ny * s, nx * s, 3), np.uint8)
         for ty in range(ny):
@@ -104,24 +126,46 @@ def write_slide(out: Path, size: int = 50_000, mpp: float = 0.5, quality: int = 
     start = time.perf_counter()
     with tifffile.TiffWriter(out, bigtiff=True) as tif:
         tif.write(
-            level0_tiles(), shape=(size, size, 3), dtype=np.uint8, tile=(TILE, TILE), compression="jpeg",
-            photometric="rgb", description=head + tail, metadata=None,
+            level0_tiles(),
+            shape=(size, size, 3),
+            dtype=np.uint8,
+            tile=(TILE, TILE),
+            compression="jpeg",
+            photometric="rgb",
+            description=head + tail,
+            metadata=None,
         )
         level4 = downsampled_level(4)
         thumb_side = 1024
         thumb = cv2.resize(level4, (thumb_side, thumb_side), interpolation=cv2.INTER_AREA)
         tif.write(
-            thumb, compression="jpeg", photometric="rgb", metadata=None, rowsperstrip=16,
-            description=f"Aperio Image Library v12.0.15 \r\n{size}x{size} -> {thumb_side}x{thumb_side} - " + tail,
+            thumb,
+            compression="jpeg",
+            photometric="rgb",
+            metadata=None,
+            rowsperstrip=16,
+            description=f"Aperio Image Library v12.0.15 \r\n{size}x{size} -> {thumb_side}x{thumb_side} - "
+            + tail,
         )
         for factor, level in ((4, level4), (16, None), (64, None)):
             if level is None:
-                level = cv2.resize(level4, (size // factor, size // factor), interpolation=cv2.INTER_AREA)
+                level = cv2.resize(
+                    level4, (size // factor, size // factor), interpolation=cv2.INTER_AREA
+                )
             tif.write(
-                level, tile=(TILE, TILE), compression="jpeg", compressionargs={"level": quality}, photometric="rgb", metadata=None,
-                description=head + f" -> {level.shape[1]}x{level.shape[0]} JPEG/RGB Q={quality}" + tail,
+                level,
+                tile=(TILE, TILE),
+                compression="jpeg",
+                compressionargs={"level": quality},
+                photometric="rgb",
+                metadata=None,
+                description=head
+                + f" -> {level.shape[1]}x{level.shape[0]} JPEG/RGB Q={quality}"
+                + tail,
             )
-    log.info("wrote %s (%.2f GB) in %.0f s", out, out.stat().st_size / 1e9, time.perf_counter() - start)
+    log.info(
+        "wrote %s (%.2f GB) in %.0f s", out, out.stat().st_size / 1e9, time.perf_counter() - start
+    )
     return out
 
 
@@ -129,7 +173,9 @@ def main() -> None:
     """Command line entry."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--size", type=int, default=50_000, help="level-0 side in px (>= 50000 for the scale test)")
+    parser.add_argument(
+        "--size", type=int, default=50_000, help="level-0 side in px (>= 50000 for the scale test)"
+    )
     parser.add_argument("--mpp", type=float, default=0.5)
     parser.add_argument("--quality", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)

@@ -56,12 +56,21 @@ def child(args: argparse.Namespace) -> None:
     import h5py
     import torch
 
-    from pipelines.extract_features import EncoderConfig, PatchDataset, build_encoder, encode_patches
+    from pipelines.extract_features import (
+        EncoderConfig,
+        PatchDataset,
+        build_encoder,
+        encode_patches,
+    )
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2"))))
     coords = np.load(args.coords)
     grid = json.loads(Path(args.grid).read_text())
-    encoder = _mean_pool_encoder() if args.encoder == "none" else build_encoder(EncoderConfig(name=args.encoder))
+    encoder = (
+        _mean_pool_encoder()
+        if args.encoder == "none"
+        else build_encoder(EncoderConfig(name=args.encoder))
+    )
     device = torch.device(args.device)
     encoder.model.to(device)
     mean = torch.tensor(encoder.mean, device=device).view(1, 3, 1, 1) * 255
@@ -69,7 +78,9 @@ def child(args: argparse.Namespace) -> None:
     with torch.inference_mode():  # first forward pass sets up kernels: not part of the throughput
         encoder.model(torch.zeros(2, 3, grid["patch_size"], grid["patch_size"], device=device))
     with tempfile.TemporaryDirectory() as tmp, h5py.File(Path(tmp) / "f.h5", "w") as handle:
-        sink = handle.create_dataset("features", shape=(len(coords), encoder.feature_dim), dtype=np.float32)
+        sink = handle.create_dataset(
+            "features", shape=(len(coords), encoder.feature_dim), dtype=np.float32
+        )
         start = time.perf_counter()
         if args.mode == "plain":
             import openslide
@@ -80,38 +91,83 @@ def child(args: argparse.Namespace) -> None:
                 for begin in range(0, len(coords), args.batch_size):
                     tiles = []
                     for x, y in coords[begin : begin + args.batch_size]:
-                        tile = np.asarray(slide.read_region((int(x), int(y)), level, (size, size)).convert("RGB"))
+                        tile = np.asarray(
+                            slide.read_region((int(x), int(y)), level, (size, size)).convert("RGB")
+                        )
                         if size != patch:
                             tile = cv2.resize(tile, (patch, patch), interpolation=cv2.INTER_AREA)
                         tiles.append(torch.from_numpy(tile).permute(2, 0, 1))
                     batch = (torch.stack(tiles).to(device).float() - mean) / std
                     sink[begin : begin + len(tiles)] = encoder.model(batch).float().cpu().numpy()
         else:
-            dataset = PatchDataset(Path(args.slide), coords, grid["patch_level"], grid["read_size"], grid["patch_size"])
-            encode_patches(dataset, encoder, sink, args.batch_size, args.workers, device, "auto", progress=False)
+            dataset = PatchDataset(
+                Path(args.slide), coords, grid["patch_level"], grid["read_size"], grid["patch_size"]
+            )
+            encode_patches(
+                dataset,
+                encoder,
+                sink,
+                args.batch_size,
+                args.workers,
+                device,
+                "auto",
+                progress=False,
+            )
         elapsed = time.perf_counter() - start
     main_mb, worker_mb = _peak_rss_mb()
-    print(json.dumps({"tiles": len(coords), "seconds": elapsed, "tiles_per_s": len(coords) / elapsed,
-                      "rss_main_mb": main_mb, "rss_worker_mb": worker_mb}))
+    print(
+        json.dumps(
+            {
+                "tiles": len(coords),
+                "seconds": elapsed,
+                "tiles_per_s": len(coords) / elapsed,
+                "rss_main_mb": main_mb,
+                "rss_worker_mb": worker_mb,
+            }
+        )
+    )
 
 
-def _run_child(slide: Path, coords: np.ndarray, grid: dict, mode: str, workers: int, encoder: str, args) -> dict:
+def _run_child(
+    slide: Path, coords: np.ndarray, grid: dict, mode: str, workers: int, encoder: str, args
+) -> dict:
     """Run one configuration `args.repeats` times in fresh processes; keep the fastest (least disturbed) run."""
-    runs = [_run_child_once(slide, coords, grid, mode, workers, encoder, args) for _ in range(args.repeats)]
+    runs = [
+        _run_child_once(slide, coords, grid, mode, workers, encoder, args)
+        for _ in range(args.repeats)
+    ]
     best = max(runs, key=lambda r: r["tiles_per_s"])
     best["rss_main_mb"] = max(r["rss_main_mb"] for r in runs)  # memory: the worst run
     best["rss_worker_mb"] = max(r["rss_worker_mb"] for r in runs)
     return best
 
 
-def _run_child_once(slide: Path, coords: np.ndarray, grid: dict, mode: str, workers: int, encoder: str, args) -> dict:
+def _run_child_once(
+    slide: Path, coords: np.ndarray, grid: dict, mode: str, workers: int, encoder: str, args
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "c.npy", coords)
         (Path(tmp) / "g.json").write_text(json.dumps(grid))
         cmd = [
-            sys.executable, __file__, "--child", "--mode", mode, "--workers", str(workers), "--encoder", encoder,
-            "--slide", str(slide), "--coords", str(Path(tmp) / "c.npy"), "--grid", str(Path(tmp) / "g.json"),
-            "--batch-size", str(args.batch_size), "--device", args.device,
+            sys.executable,
+            __file__,
+            "--child",
+            "--mode",
+            mode,
+            "--workers",
+            str(workers),
+            "--encoder",
+            encoder,
+            "--slide",
+            str(slide),
+            "--coords",
+            str(Path(tmp) / "c.npy"),
+            "--grid",
+            str(Path(tmp) / "g.json"),
+            "--batch-size",
+            str(args.batch_size),
+            "--device",
+            args.device,
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
@@ -134,7 +190,12 @@ def _grid(slide_path: Path) -> tuple[dict, np.ndarray, dict]:
         " 'mask_shape': list(seg.tissue.mask.shape), 'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        out = subprocess.run([sys.executable, "-c", code, str(slide_path), f"{tmp}/c.npy"], capture_output=True, text=True, cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(slide_path), f"{tmp}/c.npy"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         if out.returncode != 0:
             raise RuntimeError(out.stderr[-3000:])
         info = json.loads(out.stdout.strip().splitlines()[-1])
@@ -165,12 +226,21 @@ def main() -> None:
     parser.add_argument("--slide", type=Path, default=None)
     parser.add_argument("--size", type=int, default=50_000)
     parser.add_argument("--small-size", type=int, default=20_000)
-    parser.add_argument("--patches", type=int, default=512, help="tiles for the tile-pipeline comparison")
-    parser.add_argument("--encoder-patches", type=int, default=96, help="tiles for the end-to-end comparison")
+    parser.add_argument(
+        "--patches", type=int, default=512, help="tiles for the tile-pipeline comparison"
+    )
+    parser.add_argument(
+        "--encoder-patches", type=int, default=96, help="tiles for the end-to-end comparison"
+    )
     parser.add_argument("--encoder", default="efficientnet_lite0")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration (fastest kept: shared machines are noisy)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="runs per configuration (fastest kept: shared machines are noisy)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="medai", help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
@@ -182,39 +252,73 @@ def main() -> None:
         return
 
     big = _ensure_slide(args.size, args.slide)
-    print(f"slide {big} ({big.stat().st_size / 1e9:.2f} GB), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, cpus={os.cpu_count()}")
+    print(
+        f"slide {big} ({big.stat().st_size / 1e9:.2f} GB), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, cpus={os.cpu_count()}"
+    )
     info, coords, grid = _grid(big)
-    print(f"segment + grid: {info['seconds']:.1f} s, mask {info['mask_shape']}, {info['patches']} tissue patches of "
-          f"{info['grid']} (level {grid['patch_level']}, read {grid['read_size']} px), peak RSS {info['rss_mb']:.0f} MB")
+    print(
+        f"segment + grid: {info['seconds']:.1f} s, mask {info['mask_shape']}, {info['patches']} tissue patches of "
+        f"{info['grid']} (level {grid['patch_level']}, read {grid['read_size']} px), peak RSS {info['rss_mb']:.0f} MB"
+    )
 
     rows = []
-    for label, encoder, n in (("tile pipeline", "none", args.patches), ("end to end", args.encoder, args.encoder_patches)):
+    for label, encoder, n in (
+        ("tile pipeline", "none", args.patches),
+        ("end to end", args.encoder, args.encoder_patches),
+    ):
         subset = _spread(coords, n)
         plain = _run_child(big, subset, grid, "plain", 0, encoder, args)
         rows.append((label, "plain read_region loop", plain, 1.0))
         for workers in (0, 2):
             res = _run_child(big, subset, grid, "medai", workers, encoder, args)
-            rows.append((label, f"medai, {workers} workers", res, res["tiles_per_s"] / plain["tiles_per_s"]))
+            rows.append(
+                (label, f"medai, {workers} workers", res, res["tiles_per_s"] / plain["tiles_per_s"])
+            )
 
     small = _ensure_slide(args.small_size, None)
     _, small_coords, small_grid = _grid(small)
     subset = _spread(coords, args.patches)
     n_enc = args.encoder_patches
     scale_rows = [
-        (f"{args.size} px slide, {n_enc} tiles, encoder", _run_child(big, _spread(coords, n_enc), grid, "medai", 2, args.encoder, args)),
-        (f"{args.size} px slide, {2 * n_enc} tiles, encoder", _run_child(big, _spread(coords, 2 * n_enc), grid, "medai", 2, args.encoder, args)),
-        (f"{args.small_size} px slide, {args.patches} tiles", _run_child(small, _spread(small_coords, args.patches), small_grid, "medai", 2, "none", args)),
-        (f"{args.size} px slide, {args.patches} tiles", _run_child(big, subset, grid, "medai", 2, "none", args)),
-        (f"{args.size} px slide, {2 * args.patches} tiles", _run_child(big, _spread(coords, 2 * args.patches), grid, "medai", 2, "none", args)),
+        (
+            f"{args.size} px slide, {n_enc} tiles, encoder",
+            _run_child(big, _spread(coords, n_enc), grid, "medai", 2, args.encoder, args),
+        ),
+        (
+            f"{args.size} px slide, {2 * n_enc} tiles, encoder",
+            _run_child(big, _spread(coords, 2 * n_enc), grid, "medai", 2, args.encoder, args),
+        ),
+        (
+            f"{args.small_size} px slide, {args.patches} tiles",
+            _run_child(
+                small, _spread(small_coords, args.patches), small_grid, "medai", 2, "none", args
+            ),
+        ),
+        (
+            f"{args.size} px slide, {args.patches} tiles",
+            _run_child(big, subset, grid, "medai", 2, "none", args),
+        ),
+        (
+            f"{args.size} px slide, {2 * args.patches} tiles",
+            _run_child(big, _spread(coords, 2 * args.patches), grid, "medai", 2, "none", args),
+        ),
     ]
 
-    print(f"\n{'stage':<14} {'configuration':<24} {'tiles':>6} {'tiles/s':>9} {'vs plain':>9} {'RSS main MB':>12} {'RSS worker MB':>14}")
+    print(
+        f"\n{'stage':<14} {'configuration':<24} {'tiles':>6} {'tiles/s':>9} {'vs plain':>9} {'RSS main MB':>12} {'RSS worker MB':>14}"
+    )
     for label, name, res, ratio in rows:
-        print(f"{label:<14} {name:<24} {res['tiles']:>6} {res['tiles_per_s']:>9.1f} {ratio:>8.2f}x "
-              f"{res['rss_main_mb']:>12.0f} {res['rss_worker_mb']:>14.0f}")
-    print("\nmemory against slide size and tile count (medai, 2 workers; tile pipeline unless 'encoder'):")
+        print(
+            f"{label:<14} {name:<24} {res['tiles']:>6} {res['tiles_per_s']:>9.1f} {ratio:>8.2f}x "
+            f"{res['rss_main_mb']:>12.0f} {res['rss_worker_mb']:>14.0f}"
+        )
+    print(
+        "\nmemory against slide size and tile count (medai, 2 workers; tile pipeline unless 'encoder'):"
+    )
     for name, res in scale_rows:
-        print(f"  {name:<44} peak RSS main {res['rss_main_mb']:>6.0f} MB, worker {res['rss_worker_mb']:>6.0f} MB, {res['tiles_per_s']:.1f} tiles/s")
+        print(
+            f"  {name:<44} peak RSS main {res['rss_main_mb']:>6.0f} MB, worker {res['rss_worker_mb']:>6.0f} MB, {res['tiles_per_s']:.1f} tiles/s"
+        )
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-slides_app = typer.Typer(help="Whole-slide images: info, tissue, patch, extract, heatmap.", no_args_is_help=True)
+slides_app = typer.Typer(
+    help="Whole-slide images: info, tissue, patch, extract, heatmap.", no_args_is_help=True
+)
 console = Console()
 
 _MPP_HELP = "Level-0 µm/px to use when the slide has none (or to override it)."
@@ -30,8 +31,10 @@ def _fail(exc: Exception) -> None:
 def slides_info(
     slide: Path = typer.Argument(..., help="Slide file or DICOM folder."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    mpp: Optional[float] = typer.Option(None, help=_MPP_HELP),
-    backend: Optional[str] = typer.Option(None, help="Force a backend: openslide, tiffslide, wsidicom."),
+    mpp: float | None = typer.Option(None, help=_MPP_HELP),
+    backend: str | None = typer.Option(
+        None, help="Force a backend: openslide, tiffslide, wsidicom."
+    ),
 ) -> None:
     """Print backend, vendor, dimensions, levels, downsamples, mpp (or 'unknown') and associated images."""
     from medai.errors import MedaiError
@@ -64,8 +67,10 @@ def slides_info(
 @slides_app.command("tissue")
 def slides_tissue(
     slide: Path = typer.Argument(..., help="Slide file or DICOM folder."),
-    out_dir: Path = typer.Argument(..., help="Folder for <id>_mask.png, <id>_overlay.png, <id>.geojson."),
-    mpp: Optional[float] = typer.Option(None, help=_MPP_HELP),
+    out_dir: Path = typer.Argument(
+        ..., help="Folder for <id>_mask.png, <id>_overlay.png, <id>.geojson."
+    ),
+    mpp: float | None = typer.Option(None, help=_MPP_HELP),
 ) -> None:
     """Detect tissue; write the mask, a thumbnail overlay and QuPath GeoJSON."""
     from medai.errors import MedaiError
@@ -89,11 +94,13 @@ def slides_tissue(
 @slides_app.command("patch")
 def slides_patch(
     slide: Path = typer.Argument(..., help="Slide file or DICOM folder."),
-    out_dir: Path = typer.Argument(..., help="Output folder (tissue/ and patches/ are created in it)."),
+    out_dir: Path = typer.Argument(
+        ..., help="Output folder (tissue/ and patches/ are created in it)."
+    ),
     patch_size: int = typer.Option(256, help="Patch side in px as the encoder sees it."),
     target_mpp: float = typer.Option(0.5, help="Patch resolution in µm/px."),
     min_tissue: float = typer.Option(0.25, help="Minimum tissue fraction of a kept patch."),
-    mpp: Optional[float] = typer.Option(None, help=_MPP_HELP),
+    mpp: float | None = typer.Option(None, help=_MPP_HELP),
 ) -> None:
     """Segment tissue and write the patch grid (coords HDF5, CLAM/TRIDENT layout) and its overlay."""
     from medai.errors import MedaiError
@@ -115,15 +122,23 @@ def slides_patch(
 
 @slides_app.command("extract")
 def slides_extract(
-    slides: List[Path] = typer.Argument(None, help="Slide files, folders of slides, or DICOM folders."),
+    slides: list[Path] = typer.Argument(
+        None, help="Slide files, folders of slides, or DICOM folders."
+    ),
     out: Path = typer.Option(..., "--out", help="Output folder."),
-    csv_path: Optional[Path] = typer.Option(None, "--csv", help="CSV with a 'path' column (+ slide_id, mpp, target_mpp)."),
+    csv_path: Path | None = typer.Option(
+        None, "--csv", help="CSV with a 'path' column (+ slide_id, mpp, target_mpp)."
+    ),
     model: str = typer.Option("efficientnet_lite0", help="Registered medai model or timm:<name>."),
-    pretrained: Optional[str] = typer.Option("imagenet", help="Pretrained tag or local .safetensors ('' for none)."),
+    pretrained: str | None = typer.Option(
+        "imagenet", help="Pretrained tag or local .safetensors ('' for none)."
+    ),
     patch_size: int = typer.Option(256, help="Patch side in px as the encoder sees it."),
     target_mpp: float = typer.Option(0.5, help="Patch resolution in µm/px."),
     min_tissue: float = typer.Option(0.25, help="Minimum tissue fraction of a kept patch."),
-    mpp: Optional[float] = typer.Option(None, help=_MPP_HELP + " Applies to every slide without a CSV value."),
+    mpp: float | None = typer.Option(
+        None, help=_MPP_HELP + " Applies to every slide without a CSV value."
+    ),
     batch_size: int = typer.Option(64, help="Patches per forward pass."),
     workers: int = typer.Option(2, help="DataLoader processes decoding tiles."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
@@ -148,7 +163,11 @@ def slides_extract(
             {
                 "out_dir": str(out),
                 "encoder": {"name": model, "pretrained": pretrained or None},
-                "patch": {"patch_size": patch_size, "target_mpp": target_mpp, "min_tissue_fraction": min_tissue},
+                "patch": {
+                    "patch_size": patch_size,
+                    "target_mpp": target_mpp,
+                    "min_tissue_fraction": min_tissue,
+                },
                 "batch_size": batch_size,
                 "num_workers": workers,
                 "device": device,
@@ -178,13 +197,19 @@ def slides_extract(
 @slides_app.command("heatmap")
 def slides_heatmap(
     slide: Path = typer.Argument(..., help="Slide file or DICOM folder."),
-    features_h5: Path = typer.Argument(..., help="Features or coords HDF5 of this slide (gives coords and patch size)."),
-    scores: Path = typer.Argument(..., help=".npy with one score per patch, or an HDF5 with a dataset named --key."),
-    out_prefix: Path = typer.Option(..., "--out", help="Output prefix: <out>_heatmap.png, _region.png, _heatmap.geojson."),
+    features_h5: Path = typer.Argument(
+        ..., help="Features or coords HDF5 of this slide (gives coords and patch size)."
+    ),
+    scores: Path = typer.Argument(
+        ..., help=".npy with one score per patch, or an HDF5 with a dataset named --key."
+    ),
+    out_prefix: Path = typer.Option(
+        ..., "--out", help="Output prefix: <out>_heatmap.png, _region.png, _heatmap.geojson."
+    ),
     key: str = typer.Option("scores", help="Dataset name when SCORES is HDF5."),
     label: str = typer.Option("attention", help="Score name in the colour bar and GeoJSON."),
     normalize: str = typer.Option("percentile", help="percentile, minmax or none."),
-    mpp: Optional[float] = typer.Option(None, help=_MPP_HELP),
+    mpp: float | None = typer.Option(None, help=_MPP_HELP),
 ) -> None:
     """Render per-patch scores as a smooth overlay on the thumbnail and a full-resolution region."""
     import numpy as np
@@ -205,7 +230,13 @@ def slides_heatmap(
                 values = handle[key][()]
         with open_slide(slide, mpp=mpp) as handle:
             files = render_heatmap(
-                handle, coords, values, int(attrs["patch_size_level0"]), out_prefix, label=label, normalize=normalize
+                handle,
+                coords,
+                values,
+                int(attrs["patch_size_level0"]),
+                out_prefix,
+                label=label,
+                normalize=normalize,
             )
     except (MedaiError, ValueError, KeyError, OSError) as exc:
         _fail(exc)

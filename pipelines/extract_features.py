@@ -29,10 +29,11 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ from medai.io.patch_h5 import (
     read_coords_h5,
     temporary_path,
 )
-from medai.io.wsi import WSIError, WholeSlide, list_slides, open_slide
+from medai.io.wsi import WholeSlide, list_slides, open_slide
 from medai.transforms.tissue import TissueConfig
 from medai.utils import optional_import
 from pipelines.slides import PatchConfig, patch_slide
@@ -97,7 +98,9 @@ def slide_id_for(path: Path) -> str:
         return path.name
     stem = path.name.rsplit(".", 1)[0]
     if path.suffix.lower() in (".dcm", ".dicom", ""):
-        return f"{path.parent.name}_{stem}"  # DICOM file names (1.dcm, jpeg.dicom) mean little alone
+        return (
+            f"{path.parent.name}_{stem}"  # DICOM file names (1.dcm, jpeg.dicom) mean little alone
+        )
     return stem
 
 
@@ -110,7 +113,9 @@ def _optional_float(value: str | None, where: str) -> float | None:
         raise MedaiError(f"{where}: not a number: {value!r}") from exc
 
 
-def read_slide_list(items: Sequence[str | Path] = (), csv_path: str | Path | None = None) -> list[SlideEntry]:
+def read_slide_list(
+    items: Sequence[str | Path] = (), csv_path: str | Path | None = None
+) -> list[SlideEntry]:
     """Return slides from paths/folders and/or a CSV (`path`[, `slide_id`, `mpp`, `target_mpp`])."""
     entries: list[SlideEntry] = []
     for item in items:
@@ -172,13 +177,17 @@ def build_encoder(cfg: EncoderConfig) -> Encoder:
 
         model = timm.create_model(cfg.name[len("timm:") :], pretrained=False, num_classes=0)
         if cfg.pretrained:
-            load_weights(model, cfg.pretrained)  # a local pathology encoder checkpoint (safetensors)
+            load_weights(
+                model, cfg.pretrained
+            )  # a local pathology encoder checkpoint (safetensors)
     else:
         from models.registry import create_model
 
         model = create_model(cfg.name, pretrained=cfg.pretrained)
         if not hasattr(model, "reset_classifier"):
-            raise MedaiError(f"model '{cfg.name}' has no reset_classifier(); it cannot serve as a patch encoder")
+            raise MedaiError(
+                f"model '{cfg.name}' has no reset_classifier(); it cannot serve as a patch encoder"
+            )
         model.reset_classifier(0)
     pretrained_cfg = getattr(model, "pretrained_cfg", {}) or {}
     mean = tuple(cfg.mean or pretrained_cfg.get("mean") or (0.485, 0.456, 0.406))
@@ -206,7 +215,12 @@ class PatchDataset(torch.utils.data.Dataset):
         backend: str | None = None,
     ):
         self.path, self.coords, self.level = path, coords, level
-        self.read_size, self.patch_size, self.mpp, self.backend = read_size, patch_size, mpp, backend
+        self.read_size, self.patch_size, self.mpp, self.backend = (
+            read_size,
+            patch_size,
+            mpp,
+            backend,
+        )
         self._slide: WholeSlide | None = None
 
     def __len__(self) -> int:
@@ -218,11 +232,15 @@ class PatchDataset(torch.utils.data.Dataset):
         if self._slide is None:
             self._slide = open_slide(self.path, mpp=self.mpp, backend=self.backend)
         x, y = self.coords[index]
-        tile = self._slide.read_region((int(x), int(y)), self.level, (self.read_size, self.read_size))
+        tile = self._slide.read_region(
+            (int(x), int(y)), self.level, (self.read_size, self.read_size)
+        )
         if self.read_size != self.patch_size:
             shrink = self.read_size > self.patch_size
             tile = cv2.resize(
-                tile, (self.patch_size, self.patch_size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+                tile,
+                (self.patch_size, self.patch_size),
+                interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR,
             )
         return torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1), index
 
@@ -289,7 +307,11 @@ def encode_patches(
         for tiles, index in loader:
             # Normalise into one reused float buffer: a fresh 25 MB tensor per batch makes glibc's
             # heap creep upwards over thousands of batches (its mmap threshold adapts upwards).
-            if buffer is None or buffer.shape[1:] != tiles.shape[1:] or buffer.shape[0] < len(tiles):
+            if (
+                buffer is None
+                or buffer.shape[1:] != tiles.shape[1:]
+                or buffer.shape[0] < len(tiles)
+            ):
                 buffer = torch.empty(tiles.shape, dtype=torch.float32, device=device)
             batch = buffer[: len(tiles)]
             batch.copy_(tiles.to(device, non_blocking=True)).sub_(mean).div_(std)
@@ -330,7 +352,9 @@ class SlideLock:
             if not same:
                 os.close(fd)
                 continue
-            info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}).encode()
+            info = json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
+            ).encode()
             os.ftruncate(fd, 0)
             os.write(fd, info)
             self._fd = fd
@@ -371,7 +395,9 @@ def _remove_stale_temporaries(folder: Path, slide_id: str) -> int:
 
 
 # --- one slide ----------------------------------------------------------------------------
-def _load_matching_coords(path: Path, patch_cfg: PatchConfig, slide: WholeSlide) -> PatchGrid | None:
+def _load_matching_coords(
+    path: Path, patch_cfg: PatchConfig, slide: WholeSlide
+) -> PatchGrid | None:
     """Reuse an existing coordinates file when it was made at the same patch size and resolution."""
     if not path.is_file():
         return None
@@ -380,7 +406,10 @@ def _load_matching_coords(path: Path, patch_cfg: PatchConfig, slide: WholeSlide)
     except PatchFileError as exc:
         log.warning("ignoring %s: %s", path, exc)
         return None
-    if int(attrs.get("patch_size", -1)) != patch_cfg.patch_size or abs(float(attrs.get("mpp", -1)) - patch_cfg.target_mpp) > 1e-6:
+    if (
+        int(attrs.get("patch_size", -1)) != patch_cfg.patch_size
+        or abs(float(attrs.get("mpp", -1)) - patch_cfg.target_mpp) > 1e-6
+    ):
         return None
     if "patch_size_level0" not in attrs:
         return None
@@ -403,28 +432,49 @@ def _load_matching_coords(path: Path, patch_cfg: PatchConfig, slide: WholeSlide)
     )
 
 
-def extract_slide(entry: SlideEntry, cfg: ExtractConfig, encoder: Encoder, device: torch.device) -> dict[str, Any]:
+def extract_slide(
+    entry: SlideEntry, cfg: ExtractConfig, encoder: Encoder, device: torch.device
+) -> dict[str, Any]:
     """Segment, patch and encode one slide into features/<slide_id>.h5; return its status record."""
     h5py = optional_import("h5py", "feature extraction", "wsi")
     out = Path(cfg.out_dir)
     final = out / "features" / f"{entry.slide_id}.h5"
-    patch_cfg = PatchConfig(**{**cfg.patch.__dict__})
+    patch_cfg = PatchConfig(**cfg.patch.__dict__)
     if entry.target_mpp is not None:
         patch_cfg.target_mpp = entry.target_mpp
     started = time.perf_counter()
     record: dict[str, Any] = {"slide_id": entry.slide_id, "path": str(entry.path)}
     with open_slide(entry.path, mpp=entry.mpp, backend=cfg.backend) as slide:
-        record.update(backend=slide.backend, vendor=slide.vendor, level0_mpp=slide.mpp, mpp_source=slide.mpp_source)
+        record.update(
+            backend=slide.backend,
+            vendor=slide.vendor,
+            level0_mpp=slide.mpp,
+            mpp_source=slide.mpp_source,
+        )
         slide.require_mpp()
-        grid = None if cfg.overwrite else _load_matching_coords(out / "patches" / f"{entry.slide_id}.h5", patch_cfg, slide)
+        grid = (
+            None
+            if cfg.overwrite
+            else _load_matching_coords(out / "patches" / f"{entry.slide_id}.h5", patch_cfg, slide)
+        )
         if grid is None:
             grid, _ = patch_slide(slide, out, entry.slide_id, cfg.tissue, patch_cfg)
         else:
             log.info("%s: reusing %d coordinates from patches/", entry.slide_id, len(grid.coords))
-    record.update(n_patches=int(len(grid.coords)), patch_level=grid.patch_level, patch_size_level0=grid.patch_size_level0)
+    record.update(
+        n_patches=len(grid.coords),
+        patch_level=grid.patch_level,
+        patch_size_level0=grid.patch_size_level0,
+    )
     t_patch = time.perf_counter()
     dataset = PatchDataset(
-        entry.path, grid.coords, grid.patch_level, grid.read_size, grid.patch_size, mpp=entry.mpp, backend=cfg.backend
+        entry.path,
+        grid.coords,
+        grid.patch_level,
+        grid.read_size,
+        grid.patch_size,
+        mpp=entry.mpp,
+        backend=cfg.backend,
     )
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(final)
@@ -436,13 +486,24 @@ def extract_slide(entry: SlideEntry, cfg: ExtractConfig, encoder: Encoder, devic
                 handle.attrs[key] = value
             # Rows are written batch by batch: memory stays flat whatever the slide's size.
             features = handle.create_dataset(
-                "features", shape=(len(grid.coords), encoder.feature_dim), dtype=np.float32,
+                "features",
+                shape=(len(grid.coords), encoder.feature_dim),
+                dtype=np.float32,
                 chunks=(min(len(grid.coords), 256), encoder.feature_dim),
             )
-            features.attrs.update(encoder=encoder.name, pretrained=encoder.pretrained, feature_dim=encoder.feature_dim)
+            features.attrs.update(
+                encoder=encoder.name, pretrained=encoder.pretrained, feature_dim=encoder.feature_dim
+            )
             encode_patches(
-                dataset, encoder, features, cfg.batch_size, cfg.num_workers, device, cfg.precision,
-                cfg.progress, desc=entry.slide_id,
+                dataset,
+                encoder,
+                features,
+                cfg.batch_size,
+                cfg.num_workers,
+                device,
+                cfg.precision,
+                cfg.progress,
+                desc=entry.slide_id,
             )
             handle.attrs["complete"] = True
         os.replace(tmp, final)
@@ -466,12 +527,16 @@ def _error_record(entry: SlideEntry, exc: BaseException) -> dict[str, Any]:
         "path": str(entry.path),
         "state": "failed",
         "error_type": type(exc).__name__,
-        "error": str(reason).strip().splitlines()[-1] if str(reason).strip() else type(exc).__name__,
+        "error": str(reason).strip().splitlines()[-1]
+        if str(reason).strip()
+        else type(exc).__name__,
         "error_detail": str(exc)[-2000:],
     }
 
 
-def run_extraction(entries: Iterable[SlideEntry], cfg: ExtractConfig, encoder: Encoder | None = None) -> dict[str, Any]:
+def run_extraction(
+    entries: Iterable[SlideEntry], cfg: ExtractConfig, encoder: Encoder | None = None
+) -> dict[str, Any]:
     """Process every slide (skipping finished or locked ones), record each outcome; return the run summary.
 
     `encoder` reuses an already built encoder (it must match `cfg.encoder`); default: built from `cfg.encoder`.
@@ -489,27 +554,36 @@ def run_extraction(entries: Iterable[SlideEntry], cfg: ExtractConfig, encoder: E
         final = out / "features" / f"{entry.slide_id}.h5"
         status_path = out / "status" / f"{entry.slide_id}.json"
         if not cfg.overwrite and is_complete_feature_file(final):
-            outcomes.append({"slide_id": entry.slide_id, "state": "skipped", "reason": "already done"})
+            outcomes.append(
+                {"slide_id": entry.slide_id, "state": "skipped", "reason": "already done"}
+            )
             bar.update(1)
             continue
         lock = SlideLock(out / "locks" / f"{entry.slide_id}.lock")
         if not lock.acquire():
-            outcomes.append({"slide_id": entry.slide_id, "state": "locked", "reason": "another worker holds it"})
+            outcomes.append(
+                {"slide_id": entry.slide_id, "state": "locked", "reason": "another worker holds it"}
+            )
             bar.update(1)
             continue
         try:
             # Re-check under the lock: another worker may have finished it since the check above.
             if not cfg.overwrite and is_complete_feature_file(final):
-                outcomes.append({"slide_id": entry.slide_id, "state": "skipped", "reason": "already done"})
+                outcomes.append(
+                    {"slide_id": entry.slide_id, "state": "skipped", "reason": "already done"}
+                )
                 continue
             for folder in (out / "features", out / "patches", out / "status"):
                 if _remove_stale_temporaries(folder, entry.slide_id):
                     log.info("%s: removed temporaries of an interrupted run", entry.slide_id)
             try:
                 record = extract_slide(entry, cfg, encoder, device)
-            except Exception as exc:  # one bad slide never stops the batch (Ctrl-C / SIGTERM still do)
+            # One bad slide never stops the batch; Ctrl-C and SIGTERM (BaseException) still do.
+            except Exception as exc:  # noqa: BLE001
                 record = _error_record(entry, exc)
-                log.warning("%s failed: %s: %s", entry.slide_id, record["error_type"], record["error"])
+                log.warning(
+                    "%s failed: %s: %s", entry.slide_id, record["error_type"], record["error"]
+                )
             record["finished_at"] = _now()
             write_json_atomic(status_path, record)
             outcomes.append(record)
@@ -524,7 +598,11 @@ def run_extraction(entries: Iterable[SlideEntry], cfg: ExtractConfig, encoder: E
         "started": started,
         "finished": _now(),
         "out_dir": str(out),
-        "encoder": {"name": encoder.name, "pretrained": encoder.pretrained, "feature_dim": encoder.feature_dim},
+        "encoder": {
+            "name": encoder.name,
+            "pretrained": encoder.pretrained,
+            "feature_dim": encoder.feature_dim,
+        },
         "device": str(device),
         "counts": counts,
         "slides": outcomes,

@@ -21,7 +21,14 @@ import numpy as np
 
 from medai.io.patch_h5 import PatchGrid, write_coords_h5
 from medai.io.wsi import NoTissueError, WholeSlide, WSIError
-from medai.transforms.tissue import TissueConfig, TissueMask, detect_tissue, tissue_geojson, tissue_overlay, write_png
+from medai.transforms.tissue import (
+    TissueConfig,
+    TissueMask,
+    detect_tissue,
+    tissue_geojson,
+    tissue_overlay,
+    write_png,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +40,9 @@ class PatchConfig:
     patch_size: int = 256  # px after resizing
     target_mpp: float = 0.5  # µm/px of the patch (0.5 = 20x)
     min_tissue_fraction: float = 0.25  # keep patches whose area is at least this much tissue
-    max_upsample: float = 1.1  # refuse slides scanned coarser than target_mpp by more than this factor
+    max_upsample: float = (
+        1.1  # refuse slides scanned coarser than target_mpp by more than this factor
+    )
 
 
 @dataclass
@@ -82,11 +91,18 @@ def segment_slide(
         write_png(files["overlay"], tissue_overlay(thumbnail, tissue))
         files["geojson"].write_text(json.dumps(tissue_geojson(tissue)))
         result.files = {k: str(v) for k, v in files.items()}
-    log.info("%s: tissue %.1f%% of the slide, %d region(s)", slide_id, 100 * tissue.tissue_fraction, len(tissue.polygons))
+    log.info(
+        "%s: tissue %.1f%% of the slide, %d region(s)",
+        slide_id,
+        100 * tissue.tissue_fraction,
+        len(tissue.polygons),
+    )
     return result
 
 
-def tissue_fraction_per_patch(mask: np.ndarray, downsample: tuple[float, float], coords: np.ndarray, size0: int) -> np.ndarray:
+def tissue_fraction_per_patch(
+    mask: np.ndarray, downsample: tuple[float, float], coords: np.ndarray, size0: int
+) -> np.ndarray:
     """Return the tissue fraction of each level-0 square (coords, size0) from a mask at `downsample`."""
     integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.float64)
     integral[1:, 1:] = mask.astype(np.float64).cumsum(0).cumsum(1)
@@ -100,7 +116,9 @@ def tissue_fraction_per_patch(mask: np.ndarray, downsample: tuple[float, float],
     return total / area
 
 
-def build_patch_grid(slide: WholeSlide, tissue: TissueMask, slide_id: str, cfg: PatchConfig | None = None) -> PatchGrid:
+def build_patch_grid(
+    slide: WholeSlide, tissue: TissueMask, slide_id: str, cfg: PatchConfig | None = None
+) -> PatchGrid:
     """Return the tissue patches of `cfg.patch_size` px at `cfg.target_mpp` µm/px, read from the best level."""
     cfg = cfg or PatchConfig()
     level0_mpp = slide.require_mpp()
@@ -113,7 +131,10 @@ def build_patch_grid(slide: WholeSlide, tissue: TissueMask, slide_id: str, cfg: 
         )
     width, height = slide.dimensions
     if size0 < 1 or size0 > min(width, height):
-        raise WSIError(slide.path, f"a {cfg.patch_size} px patch at {cfg.target_mpp} µm/px is {size0} level-0 px, larger than the slide {width}x{height}")
+        raise WSIError(
+            slide.path,
+            f"a {cfg.patch_size} px patch at {cfg.target_mpp} µm/px is {size0} level-0 px, larger than the slide {width}x{height}",
+        )
     level = slide.best_level_for_downsample(size0 / cfg.patch_size)
     read_size = int(round(size0 / slide.level_downsamples[level]))
     xs = np.arange(0, width - size0 + 1, size0)
@@ -128,7 +149,14 @@ def build_patch_grid(slide: WholeSlide, tissue: TissueMask, slide_id: str, cfg: 
             f"no {cfg.patch_size} px patch at {cfg.target_mpp} µm/px has >= {cfg.min_tissue_fraction:.0%} tissue "
             f"(tissue covers {tissue.tissue_fraction:.1%} of the slide)",
         )
-    log.info("%s: %d of %d grid patches kept (level %d, read %d px)", slide_id, len(coords), len(grid), level, read_size)
+    log.info(
+        "%s: %d of %d grid patches kept (level %d, read %d px)",
+        slide_id,
+        len(coords),
+        len(grid),
+        level,
+        read_size,
+    )
     return PatchGrid(
         coords=coords,
         patch_size=cfg.patch_size,
@@ -139,11 +167,17 @@ def build_patch_grid(slide: WholeSlide, tissue: TissueMask, slide_id: str, cfg: 
         level_dim=(width, height),
         name=slide_id,
         mpp_source=slide.mpp_source or "unknown",
-        extra={"read_size": read_size, "min_tissue_fraction": cfg.min_tissue_fraction, "grid_patches": len(grid)},
+        extra={
+            "read_size": read_size,
+            "min_tissue_fraction": cfg.min_tissue_fraction,
+            "grid_patches": len(grid),
+        },
     )
 
 
-def patch_overlay(thumbnail: np.ndarray, grid: PatchGrid, level0_dims: tuple[int, int]) -> np.ndarray:
+def patch_overlay(
+    thumbnail: np.ndarray, grid: PatchGrid, level0_dims: tuple[int, int]
+) -> np.ndarray:
     """Return the thumbnail with every patch of `grid` outlined (RGB uint8)."""
     import cv2
 
@@ -151,7 +185,10 @@ def patch_overlay(thumbnail: np.ndarray, grid: PatchGrid, level0_dims: tuple[int
     sx, sy = thumbnail.shape[1] / level0_dims[0], thumbnail.shape[0] / level0_dims[1]
     for x, y in grid.coords:
         p0 = (int(x * sx), int(y * sy))
-        p1 = (int((x + grid.patch_size_level0) * sx) - 1, int((y + grid.patch_size_level0) * sy) - 1)
+        p1 = (
+            int((x + grid.patch_size_level0) * sx) - 1,
+            int((y + grid.patch_size_level0) * sy) - 1,
+        )
         cv2.rectangle(out, p0, p1, (20, 60, 220), 1)
     return out
 
@@ -168,5 +205,8 @@ def patch_slide(
     seg = segment_slide(slide, out_dir / "tissue", slide_id, tissue_cfg)
     grid = build_patch_grid(slide, seg.tissue, slide_id, patch_cfg)
     write_coords_h5(out_dir / "patches" / f"{slide_id}.h5", grid)
-    write_png(out_dir / "patches" / f"{slide_id}_patches.png", patch_overlay(seg.thumbnail, grid, slide.dimensions))
+    write_png(
+        out_dir / "patches" / f"{slide_id}_patches.png",
+        patch_overlay(seg.thumbnail, grid, slide.dimensions),
+    )
     return grid, seg

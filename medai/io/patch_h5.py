@@ -97,7 +97,9 @@ def write_coords_h5(path: str | Path, grid: PatchGrid) -> Path:
     tmp = temporary_path(path)
     try:
         with h5py.File(tmp, "w") as handle:
-            dset = handle.create_dataset("coords", data=np.asarray(grid.coords, dtype=np.int64).reshape(-1, 2))
+            dset = handle.create_dataset(
+                "coords", data=np.asarray(grid.coords, dtype=np.int64).reshape(-1, 2)
+            )
             for key, value in grid.attrs().items():
                 dset.attrs[key] = value
                 handle.attrs[key] = value
@@ -129,7 +131,9 @@ def read_coords_h5(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     if "patch_size_level0" not in attrs:
         # CLAM files: patch_size is at patch_level; level-0 size follows from the level's downsample.
         if "downsample" in attrs and np.size(attrs["downsample"]) == 2:
-            attrs["patch_size_level0"] = int(round(int(attrs["patch_size"]) * float(np.asarray(attrs["downsample"])[0])))
+            attrs["patch_size_level0"] = int(
+                round(int(attrs["patch_size"]) * float(np.asarray(attrs["downsample"])[0]))
+            )
         elif int(attrs["patch_level"]) == 0:
             attrs["patch_size_level0"] = int(attrs["patch_size"])
     return coords.astype(np.int64), {k: _plain(v) for k, v in attrs.items()}
@@ -152,7 +156,9 @@ def read_patch_features(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[
     coords, attrs = read_coords_h5(path)
     with h5py.File(path, "r") as handle:
         if "features" not in handle:
-            raise PatchFileError(path, "no 'features' dataset: a coordinates-only file, run `medai slides extract`")
+            raise PatchFileError(
+                path, "no 'features' dataset: a coordinates-only file, run `medai slides extract`"
+            )
         features = handle["features"][()]
         attrs.update({k: _plain(v) for k, v in handle["features"].attrs.items()})
     if features.ndim != 2 or features.shape[0] != coords.shape[0]:

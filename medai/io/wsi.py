@@ -22,9 +22,10 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,18 @@ PLAUSIBLE_MPP = (0.05, 50.0)
 # Resolution a TIFF writer puts in by default, with no optics behind it.
 _DEFAULT_DPI = (72.0, 96.0, 150.0, 300.0, 600.0)
 SLIDE_SUFFIXES = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".dicom",
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".dcm",
+    ".dicom",
 )
 
 
@@ -60,7 +72,9 @@ class MppUnknownError(WSIError):
 
     def __init__(self, path: str | Path, detail: str = ""):
         reason = "microns per pixel unknown" + (f" ({detail})" if detail else "")
-        reason += "; pass the slide's level-0 resolution with --mpp (or an 'mpp' column in the slide CSV)"
+        reason += (
+            "; pass the slide's level-0 resolution with --mpp (or an 'mpp' column in the slide CSV)"
+        )
         super().__init__(path, reason)
 
 
@@ -134,7 +148,9 @@ class WholeSlide:
     level_downsamples: tuple[float, ...]
     properties: dict[str, str]
 
-    def _read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def _read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
         raise NotImplementedError
 
     def _vendor_mpp(self) -> tuple[float | None, float | None]:
@@ -147,10 +163,10 @@ class WholeSlide:
         """Release the backend's file handles."""
 
     # --- common API ----------------------------------------------------------------------
-    def __enter__(self) -> "WholeSlide":
+    def __enter__(self) -> WholeSlide:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     @property
@@ -172,7 +188,9 @@ class WholeSlide:
         vendor_mpp = None
         if mpp_x and mpp_y:
             if abs(mpp_x - mpp_y) / max(mpp_x, mpp_y) > 0.02:
-                self.notes.append(f"anisotropic pixels: mpp-x {mpp_x:.4f}, mpp-y {mpp_y:.4f}; using their mean")
+                self.notes.append(
+                    f"anisotropic pixels: mpp-x {mpp_x:.4f}, mpp-y {mpp_y:.4f}; using their mean"
+                )
             vendor_mpp = (mpp_x + mpp_y) / 2
         elif mpp_x or mpp_y:
             vendor_mpp = mpp_x or mpp_y
@@ -180,15 +198,25 @@ class WholeSlide:
             reason = self._implausible_mpp_reason(vendor_mpp)
             if reason:
                 self.notes.append(f"ignored metadata mpp {vendor_mpp:.4g} µm/px: {reason}")
-                log.warning("%s: ignoring mpp %.4g µm/px from metadata (%s)", self.path.name, vendor_mpp, reason)
+                log.warning(
+                    "%s: ignoring mpp %.4g µm/px from metadata (%s)",
+                    self.path.name,
+                    vendor_mpp,
+                    reason,
+                )
                 vendor_mpp = None
         self.vendor_mpp = vendor_mpp
         if self._user_mpp is not None:
             if not (PLAUSIBLE_MPP[0] <= self._user_mpp <= PLAUSIBLE_MPP[1]):
-                raise WSIError(self.path, f"--mpp {self._user_mpp} is outside {PLAUSIBLE_MPP} µm/px")
+                raise WSIError(
+                    self.path, f"--mpp {self._user_mpp} is outside {PLAUSIBLE_MPP} µm/px"
+                )
             if vendor_mpp and abs(vendor_mpp - self._user_mpp) / vendor_mpp > 0.05:
                 log.warning(
-                    "%s: user mpp %.4f overrides the slide's %.4f µm/px", self.path.name, self._user_mpp, vendor_mpp
+                    "%s: user mpp %.4f overrides the slide's %.4f µm/px",
+                    self.path.name,
+                    self._user_mpp,
+                    vendor_mpp,
                 )
             self.mpp, self.mpp_source = float(self._user_mpp), "user"
         elif vendor_mpp is not None:
@@ -198,7 +226,9 @@ class WholeSlide:
 
     def _implausible_mpp_reason(self, mpp: float) -> str | None:
         if not (PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]):
-            return f"outside the range scanners produce, {PLAUSIBLE_MPP[0]}-{PLAUSIBLE_MPP[1]} µm/px"
+            return (
+                f"outside the range scanners produce, {PLAUSIBLE_MPP[0]}-{PLAUSIBLE_MPP[1]} µm/px"
+            )
         unit = str(self.properties.get("tiff.ResolutionUnit", "")).lower()
         if self.vendor in ("generic-tiff", "unknown", "") and unit:
             dpi = 25400.0 / mpp
@@ -209,7 +239,9 @@ class WholeSlide:
     def require_mpp(self) -> float:
         """Return level-0 µm/px, or raise MppUnknownError naming the file and the override flag."""
         if self.mpp is None:
-            raise MppUnknownError(self.path, "; ".join(self.notes) or "no resolution in the slide's metadata")
+            raise MppUnknownError(
+                self.path, "; ".join(self.notes) or "no resolution in the slide's metadata"
+            )
         return self.mpp
 
     @property
@@ -221,7 +253,10 @@ class WholeSlide:
         """Return an associated image as RGB uint8; WSIReadError when the file has none by that name."""
         images = self._associated()
         if name not in images:
-            raise WSIReadError(self.path, f"no associated image '{name}' (has: {', '.join(sorted(images)) or 'none'})")
+            raise WSIReadError(
+                self.path,
+                f"no associated image '{name}' (has: {', '.join(sorted(images)) or 'none'})",
+            )
         return _to_rgb(images[name]())
 
     def info(self) -> SlideInfo:
@@ -241,10 +276,14 @@ class WholeSlide:
             notes=tuple(self.notes),
         )
 
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
         """Return RGB uint8 (h, w, 3) of `size` (w, h) at `level`, top-left `location` in level-0 px."""
         if not 0 <= level < self.level_count:
-            raise WSIReadError(self.path, f"level {level} does not exist (levels 0-{self.level_count - 1})")
+            raise WSIReadError(
+                self.path, f"level {level} does not exist (levels 0-{self.level_count - 1})"
+            )
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0:
             raise WSIReadError(self.path, f"empty region size {size}")
@@ -258,7 +297,8 @@ class WholeSlide:
             raise
         except Exception as exc:  # every backend has its own error types
             raise WSIReadError(
-                self.path, f"cannot read {w}x{h} at {tuple(location)} level {level}: {type(exc).__name__}: {exc}"
+                self.path,
+                f"cannot read {w}x{h} at {tuple(location)} level {level}: {type(exc).__name__}: {exc}",
             ) from exc
         if region.shape[:2] != (h, w):
             raise WSIReadError(self.path, f"backend returned {region.shape[:2]} for a {h}x{w} read")
@@ -292,8 +332,12 @@ class WholeSlide:
                 y0, y1 = round(y * scale_y), round((y + ch) * scale_y)
                 if x1 <= x0 or y1 <= y0:
                     continue
-                region = self.read_region((round(x * level_ds), round(y * level_ds)), level, (cw, ch))
-                out[y0:y1, x0:x1] = cv2.resize(region, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+                region = self.read_region(
+                    (round(x * level_ds), round(y * level_ds)), level, (cw, ch)
+                )
+                out[y0:y1, x0:x1] = cv2.resize(
+                    region, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA
+                )
         return out
 
     def thumbnail(self, max_side: int = 1024) -> np.ndarray:
@@ -312,9 +356,13 @@ class _OpenSlideFamily(WholeSlide):
         module = optional_import(self.module_name, "reading whole-slide images", "wsi")
         self._module = module
         self._slide = self._open(module, str(self.path))
-        self.properties = {str(k): str(v) for k, v in dict(self._slide.properties).items() if v is not None}
+        self.properties = {
+            str(k): str(v) for k, v in dict(self._slide.properties).items() if v is not None
+        }
         self.dimensions = tuple(int(v) for v in self._slide.dimensions)
-        self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)
+        self.level_dimensions = tuple(
+            tuple(int(v) for v in d) for d in self._slide.level_dimensions
+        )
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
         self.vendor = self.properties.get(module.PROPERTY_NAME_VENDOR) or "unknown"
         self._resolve_mpp()
@@ -330,9 +378,11 @@ class _OpenSlideFamily(WholeSlide):
 
     def _associated(self) -> dict[str, Callable[[], Any]]:
         images = self._slide.associated_images
-        return {name: (lambda n=name: images[n]) for name in images.keys()}
+        return {name: (lambda n=name: images[n]) for name in images}
 
-    def _read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def _read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
         return _to_rgb(self._slide.read_region(location, level, size))
 
     def close(self) -> None:
@@ -362,7 +412,9 @@ class TiffSlideSlide(_OpenSlideFamily):
     def _open(self, module: Any, path: str) -> Any:
         return module.TiffSlide(path)
 
-    def _read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def _read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
         # tiffslide pads reads past the edge with black; clip and pad with white as OpenSlide does.
         ds = self.level_downsamples[level]
         level_w, level_h = self.level_dimensions[level]
@@ -422,7 +474,9 @@ class WsiDicomSlide(WholeSlide):
             out["thumbnail"] = lambda: self._wsi.read_thumbnail()
         return out
 
-    def _read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def _read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
         # wsidicom takes the location in the requested level's pixels, OpenSlide in level 0's.
         ds = self.level_downsamples[level]
         loc = (math.floor(location[0] / ds), math.floor(location[1] / ds))
@@ -451,7 +505,10 @@ def _is_dicom(path: Path) -> bool:
 
 
 def open_slide(
-    path: str | Path, mpp: float | None = None, backend: str | None = None, backends: Sequence[str] = BACKENDS
+    path: str | Path,
+    mpp: float | None = None,
+    backend: str | None = None,
+    backends: Sequence[str] = BACKENDS,
 ) -> WholeSlide:
     """Open a whole-slide image with the first backend that reads it; `mpp` overrides level-0 µm/px."""
     path = Path(path)
@@ -478,7 +535,7 @@ def open_slide(
         except MedaiError as exc:  # missing optional package: try the next backend
             reasons.append(f"{name}: {exc}")
             continue
-        except Exception as exc:  # each backend signals 'not mine' with its own exception type
+        except Exception as exc:  # noqa: BLE001  each backend signals 'not mine' with its own exception type
             reasons.append(f"{name}: {type(exc).__name__}: {exc}")
             continue
         if slide.level_count == 0 or min(slide.dimensions) <= 0:
@@ -496,8 +553,13 @@ def dicom_slides_in(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     series: dict[tuple[str, str], list[Path]] = {}
     for file in sorted(f for f in folder.iterdir() if f.is_file() and _is_dicom(f)):
-        header = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
-        key = (str(getattr(header, "StudyInstanceUID", "")), str(getattr(header, "SeriesInstanceUID", "")))
+        header = pydicom.dcmread(
+            file, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"]
+        )
+        key = (
+            str(getattr(header, "StudyInstanceUID", "")),
+            str(getattr(header, "SeriesInstanceUID", "")),
+        )
         series.setdefault(key, []).append(file)
     if len(series) <= 1:
         return [folder] if series else []

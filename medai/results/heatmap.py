@@ -16,8 +16,9 @@ colour never bleeds onto glass.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -55,7 +56,9 @@ def normalize_scores(scores: np.ndarray, method: Normalize = "percentile") -> np
 def _colormap(cv2: Any, name: str) -> int:
     attr = f"COLORMAP_{name.upper()}"
     if not hasattr(cv2, attr):
-        raise ValueError(f"unknown colour map '{name}' (OpenCV maps: jet, turbo, viridis, inferno, magma, ...)")
+        raise ValueError(
+            f"unknown colour map '{name}' (OpenCV maps: jet, turbo, viridis, inferno, magma, ...)"
+        )
     return getattr(cv2, attr)
 
 
@@ -108,7 +111,9 @@ def score_map(
     return np.clip(value, 0, 1), covered
 
 
-def overlay(rgb: np.ndarray, value: np.ndarray, covered: np.ndarray, cmap: str = "jet", alpha: float = 0.5) -> np.ndarray:
+def overlay(
+    rgb: np.ndarray, value: np.ndarray, covered: np.ndarray, cmap: str = "jet", alpha: float = 0.5
+) -> np.ndarray:
     """Return `rgb` with `value` colours blended in where `covered` (RGB uint8)."""
     out = rgb.astype(np.float32)
     colours = colorize(value, cmap).astype(np.float32)
@@ -116,7 +121,9 @@ def overlay(rgb: np.ndarray, value: np.ndarray, covered: np.ndarray, cmap: str =
     return out.astype(np.uint8)
 
 
-def add_colorbar(rgb: np.ndarray, labels: Sequence[str], title: str, cmap: str = "jet") -> np.ndarray:
+def add_colorbar(
+    rgb: np.ndarray, labels: Sequence[str], title: str, cmap: str = "jet"
+) -> np.ndarray:
     """Return `rgb` with a vertical colour bar (top = 1) and tick labels on its right."""
     cv2 = optional_import("cv2", "heatmaps", "wsi")
     height = rgb.shape[0]
@@ -132,18 +139,43 @@ def add_colorbar(rgb: np.ndarray, labels: Sequence[str], title: str, cmap: str =
     for i, text in enumerate(labels):
         y = top + int(round(i * (bar_h - 1) / max(len(labels) - 1, 1)))
         y_text = min(max(y + int(5 * font), int(12 * font)), height - 2)
-        cv2.putText(panel, text, (margin * 2 + bar_w, y_text), cv2.FONT_HERSHEY_SIMPLEX, font, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(panel, title, (margin, max(top - margin, int(14 * font))), cv2.FONT_HERSHEY_SIMPLEX, font, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(
+            panel,
+            text,
+            (margin * 2 + bar_w, y_text),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            font,
+            (0, 0, 0),
+            1,
+            cv2.LINE_AA,
+        )
+    cv2.putText(
+        panel,
+        title,
+        (margin, max(top - margin, int(14 * font))),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        font,
+        (0, 0, 0),
+        1,
+        cv2.LINE_AA,
+    )
     return np.concatenate([rgb, panel], axis=1)
 
 
 def heatmap_geojson(
-    coords: np.ndarray, scores: np.ndarray, values: np.ndarray, patch_size_level0: int, label: str, cmap: str = "jet"
+    coords: np.ndarray,
+    scores: np.ndarray,
+    values: np.ndarray,
+    patch_size_level0: int,
+    label: str,
+    cmap: str = "jet",
 ) -> dict[str, Any]:
     """Return one GeoJSON square per patch (level-0 px) with its raw score, normalised value and colour."""
     colours = colorize(values, cmap)
     features = []
-    for (x, y), score, value, colour in zip(coords.tolist(), scores.tolist(), values.tolist(), colours.tolist()):
+    for (x, y), score, value, colour in zip(
+        coords.tolist(), scores.tolist(), values.tolist(), colours.tolist()
+    ):
         s = patch_size_level0
         ring = [[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]
         features.append(
@@ -209,29 +241,46 @@ def render_heatmap(
     downsample = max(1.0, max(width0, height0) / thumbnail_max_side)
     thumb = slide.read_downsampled(downsample)
     scale = thumb.shape[1] / width0
-    value, covered = score_map(coords, values, patch_size_level0, thumb.shape[:2], scale, smooth=smooth)
+    value, covered = score_map(
+        coords, values, patch_size_level0, thumb.shape[:2], scale, smooth=smooth
+    )
     files = {"heatmap": out_prefix.with_name(out_prefix.name + "_heatmap.png")}
-    write_png(files["heatmap"], add_colorbar(overlay(thumb, value, covered, cmap, alpha), ticks, label, cmap))
+    write_png(
+        files["heatmap"],
+        add_colorbar(overlay(thumb, value, covered, cmap, alpha), ticks, label, cmap),
+    )
 
     if region is None:
         top = coords[int(np.argmax(scores))]
         side = 8 * patch_size_level0
         cx, cy = top[0] + patch_size_level0 // 2, top[1] + patch_size_level0 // 2
-        x, y = int(np.clip(cx - side // 2, 0, max(width0 - side, 0))), int(np.clip(cy - side // 2, 0, max(height0 - side, 0)))
+        x, y = (
+            int(np.clip(cx - side // 2, 0, max(width0 - side, 0))),
+            int(np.clip(cy - side // 2, 0, max(height0 - side, 0))),
+        )
         region = (x, y, min(side, width0), min(side, height0))
     rx, ry, rw, rh = (int(v) for v in region)
     region_ds = max(1.0, max(rw, rh) / region_max_side)
     level = slide.best_level_for_downsample(region_ds)
     level_ds = slide.level_downsamples[level]
-    pixels = slide.read_region((rx, ry), level, (max(1, round(rw / level_ds)), max(1, round(rh / level_ds))))
+    pixels = slide.read_region(
+        (rx, ry), level, (max(1, round(rw / level_ds)), max(1, round(rh / level_ds)))
+    )
     out_w, out_h = max(1, round(rw / region_ds)), max(1, round(rh / region_ds))
     if pixels.shape[:2] != (out_h, out_w):
         cv2 = optional_import("cv2", "heatmaps", "wsi")
         pixels = cv2.resize(pixels, (out_w, out_h), interpolation=cv2.INTER_AREA)
-    value, covered = score_map(coords, values, patch_size_level0, (out_h, out_w), 1 / region_ds, (rx, ry), smooth)
+    value, covered = score_map(
+        coords, values, patch_size_level0, (out_h, out_w), 1 / region_ds, (rx, ry), smooth
+    )
     files["region"] = out_prefix.with_name(out_prefix.name + "_region.png")
-    write_png(files["region"], add_colorbar(overlay(pixels, value, covered, cmap, alpha), ticks, label, cmap))
+    write_png(
+        files["region"],
+        add_colorbar(overlay(pixels, value, covered, cmap, alpha), ticks, label, cmap),
+    )
 
     files["geojson"] = out_prefix.with_name(out_prefix.name + "_heatmap.geojson")
-    files["geojson"].write_text(json.dumps(heatmap_geojson(coords, scores, values, patch_size_level0, label, cmap)))
+    files["geojson"].write_text(
+        json.dumps(heatmap_geojson(coords, scores, values, patch_size_level0, label, cmap))
+    )
     return files

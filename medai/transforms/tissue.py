@@ -51,7 +51,9 @@ class TissueMask:
 
     mask: np.ndarray  # uint8 (h, w), 1 = tissue
     downsample: tuple[float, float]  # level-0 px per mask px, (x, y)
-    polygons: list[list[np.ndarray]]  # per component: [exterior, hole, ...], each (n, 2) level-0 (x, y)
+    polygons: list[
+        list[np.ndarray]
+    ]  # per component: [exterior, hole, ...], each (n, 2) level-0 (x, y)
     threshold: int  # the saturation threshold used
     artefact_fraction: float  # fraction of the image removed as pen/black artefact
 
@@ -73,7 +75,9 @@ def _hue_distance(a: float, b: float) -> float:
     return min(d, 180 - d)
 
 
-def detect_tissue(rgb: np.ndarray, downsample: tuple[float, float], mpp: float | None, cfg: TissueConfig) -> TissueMask:
+def detect_tissue(
+    rgb: np.ndarray, downsample: tuple[float, float], mpp: float | None, cfg: TissueConfig
+) -> TissueMask:
     """Return the tissue mask of an RGB uint8 image taken at `downsample` of a slide of level-0 `mpp`."""
     cv2 = optional_import("cv2", "tissue detection", "wsi")
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
@@ -85,7 +89,9 @@ def detect_tissue(rgb: np.ndarray, downsample: tuple[float, float], mpp: float |
     dark = val < cfg.dark_value
     candidates = sat_blur[~dark]
     if candidates.size and candidates.max() > candidates.min():
-        otsu, _ = cv2.threshold(candidates.reshape(1, -1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        otsu, _ = cv2.threshold(
+            candidates.reshape(1, -1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU
+        )
     else:
         otsu = 255
     threshold = int(max(otsu, cfg.saturation_floor))
@@ -107,7 +113,9 @@ def detect_tissue(rgb: np.ndarray, downsample: tuple[float, float], mpp: float |
 
     mask = tissue.astype(np.uint8)
     if cfg.open_px > 1:
-        mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (cfg.open_px,) * 2))
+        mask = cv2.morphologyEx(
+            mask, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (cfg.open_px,) * 2)
+        )
     if cfg.close_px > 1:
         mask = cv2.morphologyEx(
             mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (cfg.close_px,) * 2)

@@ -13,8 +13,13 @@ def write_tiled_tiff(path: Path, image: np.ndarray, mpp: float = 0.5, tile: int 
 
     px_per_cm = 10_000 / mpp
     tifffile.imwrite(
-        path, image, tile=(tile, tile), compression="jpeg", photometric="rgb",
-        resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER",
+        path,
+        image,
+        tile=(tile, tile),
+        compression="jpeg",
+        photometric="rgb",
+        resolution=(px_per_cm, px_per_cm),
+        resolutionunit="CENTIMETER",
     )
     return path
 

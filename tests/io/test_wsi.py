@@ -28,7 +28,11 @@ def test_aperio_svs_dimensions_levels_mpp(wsi_cmu1_small_region_path):
 def test_openslide_and_tiffslide_read_identical_pixels(wsi_cmu1_small_region_path):
     a = open_slide(wsi_cmu1_small_region_path, backend="openslide")
     b = open_slide(wsi_cmu1_small_region_path, backend="tiffslide")
-    for loc in ((0, 0), (1000, 1500), (2100, 2900)):  # the last one runs past the edge: white padding
+    for loc in (
+        (0, 0),
+        (1000, 1500),
+        (2100, 2900),
+    ):  # the last one runs past the edge: white padding
         ra, rb = a.read_region(loc, 0, (256, 256)), b.read_region(loc, 0, (256, 256))
         assert ra.dtype == np.uint8 and ra.shape == (256, 256, 3)
         assert np.array_equal(ra, rb)
@@ -64,20 +68,30 @@ def test_dicom_wsi_all_encodings(wsi_dicom_google_path, encoding):
         for slide in (dicom, auto):
             assert slide.dimensions == (957, 715) and slide.level_count == 1
             assert slide.mpp == pytest.approx(16.783, abs=1e-3)
-        assert np.array_equal(dicom.read_region((300, 200), 0, (64, 48)), auto.read_region((300, 200), 0, (64, 48)))
+        assert np.array_equal(
+            dicom.read_region((300, 200), 0, (64, 48)), auto.read_region((300, 200), 0, (64, 48))
+        )
 
 
 def test_dicom_encodings_decode_to_the_same_image(wsi_dicom_google_path):
-    raw = open_slide(wsi_dicom_google_path / "raw.dicom", backend="wsidicom").read_region((0, 0), 0, (957, 715))
-    j2k = open_slide(wsi_dicom_google_path / "jpeg2000.dicom", backend="wsidicom").read_region((0, 0), 0, (957, 715))
+    raw = open_slide(wsi_dicom_google_path / "raw.dicom", backend="wsidicom").read_region(
+        (0, 0), 0, (957, 715)
+    )
+    j2k = open_slide(wsi_dicom_google_path / "jpeg2000.dicom", backend="wsidicom").read_region(
+        (0, 0), 0, (957, 715)
+    )
     assert np.abs(raw.astype(int) - j2k.astype(int)).mean() < 4  # lossy, but the same slide
 
 
 def test_list_slides_splits_dicom_series(shared_data):
     names = [p.name for p in list_slides(shared_data / "wsi")]
     assert names == [
-        "CMU-1-Small-Region.svs", "jpeg.dicom", "jpeg2000.dicom", "raw.dicom",
-        "small_HE_levels.tiff", "tcga-cr-7395-01a-01-ts1.svs",
+        "CMU-1-Small-Region.svs",
+        "jpeg.dicom",
+        "jpeg2000.dicom",
+        "raw.dicom",
+        "small_HE_levels.tiff",
+        "tcga-cr-7395-01a-01-ts1.svs",
     ]
 
 
@@ -88,7 +102,11 @@ def test_read_downsampled_chunks_tile_without_seams(wsi_cmu1_small_region_path):
         small = slide.read_downsampled(8, chunk_px=512)
         full = slide.read_region((0, 0), 0, slide.dimensions)
     assert small.shape == (371, 278, 3)
-    for y, x in ((0, 0), (512, 1024), (1536, 1536)):  # each chunk is an exact area-resize of its block
+    for y, x in (
+        (0, 0),
+        (512, 1024),
+        (1536, 1536),
+    ):  # each chunk is an exact area-resize of its block
         block = cv2.resize(full[y : y + 512, x : x + 512], (64, 64), interpolation=cv2.INTER_AREA)
         assert np.array_equal(small[y // 8 : y // 8 + 64, x // 8 : x // 8 + 64], block)
 
@@ -109,7 +127,9 @@ def test_bad_inputs_raise_typed_errors(tmp_path, wsi_cmu1_small_region_path):
 
 
 def test_corrupt_jpeg_tile_is_a_read_error(tmp_path, wsi_cmu1_small_region_path):
-    path = write_tiled_tiff(tmp_path / "corrupt.tif", crop_of_real_slide(wsi_cmu1_small_region_path))
+    path = write_tiled_tiff(
+        tmp_path / "corrupt.tif", crop_of_real_slide(wsi_cmu1_small_region_path)
+    )
     corrupt_tiles(path, tiles=(5,))
     with open_slide(path) as slide:
         assert slide.mpp == pytest.approx(0.5) and slide.vendor == "generic-tiff"

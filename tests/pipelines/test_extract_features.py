@@ -33,10 +33,14 @@ def encoder():
 
 
 def _cfg(out, **kw):
-    return ExtractConfig(out_dir=out, patch=PatchConfig(**PATCH), batch_size=32, num_workers=0, progress=False, **kw)
+    return ExtractConfig(
+        out_dir=out, patch=PatchConfig(**PATCH), batch_size=32, num_workers=0, progress=False, **kw
+    )
 
 
-def test_batch_records_each_bad_slide_and_continues(tmp_path, shared_data, wsi_cmu1_small_region_path, encoder):
+def test_batch_records_each_bad_slide_and_continues(
+    tmp_path, shared_data, wsi_cmu1_small_region_path, encoder
+):
     crop = crop_of_real_slide(wsi_cmu1_small_region_path)
     corrupt = corrupt_tiles(write_tiled_tiff(tmp_path / "corrupt.tif", crop), tiles=(5, 6, 9, 10))
     blank = write_tiled_tiff(tmp_path / "blank.tif", np.full((1024, 1024, 3), 242, np.uint8))
@@ -65,7 +69,11 @@ def test_batch_records_each_bad_slide_and_continues(tmp_path, shared_data, wsi_c
     assert "coarser than" in states["dicom_too_coarse"]["error"]
     assert summary["counts"] == {"done": 3, "failed": 5}
     # nothing half-written: only finished slides have feature files, and no temporaries remain
-    assert sorted(p.name for p in (out / "features").iterdir()) == ["cmu.h5", "dicom.h5", "he_user_mpp.h5"]
+    assert sorted(p.name for p in (out / "features").iterdir()) == [
+        "cmu.h5",
+        "dicom.h5",
+        "he_user_mpp.h5",
+    ]
     assert not list(out.rglob("*.tmp")) and not list((out / "locks").iterdir())
     status = json.loads((out / "status" / "corrupt.json").read_text())
     assert status["state"] == "failed" and status["path"].endswith("corrupt.tif")
@@ -94,7 +102,9 @@ def test_features_match_the_encoder_and_resume_skips(tmp_path, wsi_cmu1_small_re
     assert again["counts"] == {"skipped": 1}
     assert (out / "features" / "cmu.h5").stat().st_mtime_ns == mtime
     redo = run_extraction([entry], _cfg(out, overwrite=True), encoder)
-    assert redo["counts"] == {"done": 1} and (out / "features" / "cmu.h5").stat().st_mtime_ns != mtime
+    assert (
+        redo["counts"] == {"done": 1} and (out / "features" / "cmu.h5").stat().st_mtime_ns != mtime
+    )
 
 
 def test_slide_list_from_folder_and_csv(tmp_path, shared_data):
@@ -106,7 +116,9 @@ def test_slide_list_from_folder_and_csv(tmp_path, shared_data):
     )
     entries = read_slide_list([shared_data / "wsi" / "CMU-1-Small-Region.svs"], csv_path)
     assert [(e.slide_id, e.mpp, e.target_mpp) for e in entries] == [
-        ("CMU-1-Small-Region", None, None), ("tcga", 0.25, None), ("dicom_wsi_google_raw", None, 32.0)
+        ("CMU-1-Small-Region", None, None),
+        ("tcga", 0.25, None),
+        ("dicom_wsi_google_raw", None, 32.0),
     ]
     assert len(read_slide_list([shared_data / "wsi"])) == 6
 
@@ -123,7 +135,9 @@ time.sleep(60)
 
 def test_lock_is_exclusive_across_processes_and_reclaimed_from_the_dead(tmp_path):
     path = tmp_path / "locks" / "s.lock"
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(path)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(path)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "True"
         assert SlideLock(path).acquire() is False  # a live worker holds it
@@ -150,8 +164,24 @@ def test_sigkill_mid_slide_then_rerun_finishes_without_redoing(tmp_path, shared_
     )
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "medai.cli", "slides", "extract", "--csv", str(csv_path), "--out", str(out),
-        "--patch-size", "32", "--target-mpp", "2.0", "--batch-size", "1", "--workers", "0", "--no-progress",
+        sys.executable,
+        "-m",
+        "medai.cli",
+        "slides",
+        "extract",
+        "--csv",
+        str(csv_path),
+        "--out",
+        str(out),
+        "--patch-size",
+        "32",
+        "--target-mpp",
+        "2.0",
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+        "--no-progress",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -167,7 +197,9 @@ def test_sigkill_mid_slide_then_rerun_finishes_without_redoing(tmp_path, shared_
     finally:
         job.kill()
     assert (out / "status" / "cmu.json").is_file() and not (out / "features" / "tcga.h5").exists()
-    assert list((out / "features").glob(".tcga.h5.*.tmp")) and (out / "locks" / "tcga.lock").exists()
+    assert (
+        list((out / "features").glob(".tcga.h5.*.tmp")) and (out / "locks" / "tcga.lock").exists()
+    )
     cmu_mtime = (out / "features" / "cmu.h5").stat().st_mtime_ns
 
     entries = read_slide_list([], csv_path)
@@ -194,14 +226,22 @@ def test_local_timm_encoder_checkpoint_plugs_in(tmp_path, wsi_cmu1_small_region_
     assert encoder.feature_dim == 256 and encoder.mean == (0.485, 0.456, 0.406)
     out = tmp_path / "run"
     cfg = ExtractConfig(
-        out_dir=out, encoder=EncoderConfig(name="timm:test_efficientnet", pretrained=str(weights)),
-        patch=PatchConfig(**PATCH), batch_size=64, num_workers=0, progress=False,
+        out_dir=out,
+        encoder=EncoderConfig(name="timm:test_efficientnet", pretrained=str(weights)),
+        patch=PatchConfig(**PATCH),
+        batch_size=64,
+        num_workers=0,
+        progress=False,
     )
     run_extraction([SlideEntry(wsi_cmu1_small_region_path, "cmu")], cfg, encoder)
-    features, coords, attrs = read_patch_features(out / "features" / "cmu.h5")
+    features, _coords, attrs = read_patch_features(out / "features" / "cmu.h5")
     assert features.shape[1] == 256 and attrs["encoder"] == "timm:test_efficientnet"
     x = torch.zeros(1, 3, 32, 32)
     with torch.inference_mode():
-        assert torch.allclose(own(x), encoder.model(x))  # the file's weights, not a fresh initialisation
+        assert torch.allclose(
+            own(x), encoder.model(x)
+        )  # the file's weights, not a fresh initialisation
     with pytest.raises(CheckpointError):
-        build_encoder(EncoderConfig(name="timm:test_resnet", pretrained=str(weights)))  # wrong architecture
+        build_encoder(
+            EncoderConfig(name="timm:test_resnet", pretrained=str(weights))
+        )  # wrong architecture

@@ -11,7 +11,9 @@ from pipelines.slides import build_patch_grid, segment_slide
 
 def test_normalize_scores():
     np.testing.assert_allclose(normalize_scores(np.array([3.0, 1.0, 2.0])), [1.0, 0.0, 0.5])
-    np.testing.assert_allclose(normalize_scores(np.array([1.0, 1.0, 5.0])), [0.25, 0.25, 1.0])  # ties share a rank
+    np.testing.assert_allclose(
+        normalize_scores(np.array([1.0, 1.0, 5.0])), [0.25, 0.25, 1.0]
+    )  # ties share a rank
     np.testing.assert_allclose(normalize_scores(np.array([2.0, 4.0]), "minmax"), [0.0, 1.0])
     with pytest.raises(ValueError, match="non-finite"):
         normalize_scores(np.array([0.1, np.nan]))
@@ -25,26 +27,42 @@ def test_heatmap_overlay_region_and_geojson(tmp_path, wsi_cmu1_small_region_path
         bottom = grid.coords[np.argmax(scores)]
         region = (int(bottom[0]) - 514, int(bottom[1]) - 771, 1028, 1028)
         files = render_heatmap(
-            slide, grid.coords, scores, grid.patch_size_level0, tmp_path / "cmu", thumbnail_max_side=800, region=region
+            slide,
+            grid.coords,
+            scores,
+            grid.patch_size_level0,
+            tmp_path / "cmu",
+            thumbnail_max_side=800,
+            region=region,
         )
         thumb = slide.read_downsampled(max(slide.dimensions) / 800)
     heat = cv2.cvtColor(cv2.imread(str(files["heatmap"])), cv2.COLOR_BGR2RGB)
-    assert heat.shape[0] == thumb.shape[0] and heat.shape[1] > thumb.shape[1]  # colour bar added on the right
+    assert (
+        heat.shape[0] == thumb.shape[0] and heat.shape[1] > thumb.shape[1]
+    )  # colour bar added on the right
     scale = thumb.shape[1] / 2220
     size = int(grid.patch_size_level0 * scale)
     top = grid.coords[np.argmin(scores)]
     bottom = grid.coords[np.argmax(scores)]
+
     def centre(c):
         return heat[int(c[1] * scale) + size // 2, int(c[0] * scale) + size // 2].astype(int)
+
     assert centre(top)[2] > centre(top)[0]  # jet: low attention is blue
     assert centre(bottom)[0] > centre(bottom)[2]  # high attention is red
     covered = np.zeros(thumb.shape[:2], bool)
     for x, y in grid.coords:
-        covered[int(y * scale) : int(y * scale) + size + 1, int(x * scale) : int(x * scale) + size + 1] = True
-    assert np.array_equal(heat[: thumb.shape[0], : thumb.shape[1]][~covered], thumb[~covered])  # glass untouched
+        covered[
+            int(y * scale) : int(y * scale) + size + 1, int(x * scale) : int(x * scale) + size + 1
+        ] = True
+    assert np.array_equal(
+        heat[: thumb.shape[0], : thumb.shape[1]][~covered], thumb[~covered]
+    )  # glass untouched
     region = cv2.imread(str(files["region"]))
     assert region.shape[0] == 1028  # full resolution
-    assert region[771 + 128, 514 + 128][2] > region[771 + 128, 514 + 128][0]  # BGR: the top patch is red
+    assert (
+        region[771 + 128, 514 + 128][2] > region[771 + 128, 514 + 128][0]
+    )  # BGR: the top patch is red
     collection = json.loads(files["geojson"].read_text())
     assert len(collection["features"]) == len(grid.coords)
     props = collection["features"][int(np.argmax(scores))]["properties"]

@@ -14,7 +14,7 @@ def _thumb(path, downsample=8.0):
 
 
 def test_he_tissue_found_and_glass_excluded(wsi_cmu1_small_region_path):
-    rgb, scale, mpp, dims = _thumb(wsi_cmu1_small_region_path)
+    rgb, scale, mpp, _dims = _thumb(wsi_cmu1_small_region_path)
     tissue = detect_tissue(rgb, scale, mpp, TissueConfig())
     assert 0.2 < tissue.tissue_fraction < 0.45
     sat = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
