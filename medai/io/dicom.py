@@ -161,6 +161,17 @@ def _check_pixel_element_complete(ds, path: Path, file_size: int) -> None:
     raw = ds.get_item("PixelData")
     length = getattr(raw, "length", None)
     tell = getattr(raw, "value_tell", None)
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts is not None and not ts.is_compressed and all(k in ds for k in ("Rows", "Columns", "BitsAllocated")):
+        frames = _int_or_none(ds.get("NumberOfFrames")) or 1
+        bits = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) * frames
+        expected = (bits + 7) // 8
+        have = length if tell is not None and length not in (None, 0xFFFFFFFF) else len(ds.PixelData or b"")
+        if tell is not None and length not in (None, 0xFFFFFFFF):
+            have = min(length, file_size - tell)
+        if have < expected:
+            raise DicomReadError(path, f"truncated: Pixel Data holds {have} bytes, the image needs {expected}")
     if length is None or tell is None:
         return  # already parsed (small file): pydicom read it fully or raised
     if length == 0xFFFFFFFF:
