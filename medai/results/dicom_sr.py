@@ -73,6 +73,33 @@ def _unit(hd, unit: str, meaning: str | None):
     return hd.sr.CodedConcept(value=unit, scheme_designator="UCUM", meaning=meaning or unit)
 
 
+def _referenced_segment(hd, seg_ds, segment_number: int):
+    """TID 1411 segment reference with its source images.
+
+    Built here rather than with ReferencedSegment.from_segmentation, which expects the segment number in
+    every per-frame item and fails on single-segment SEGs that keep it in the shared functional groups.
+    """
+    if segment_number not in [int(s.SegmentNumber) for s in seg_ds.SegmentSequence]:
+        raise ValueError(f"segment {segment_number} is not in the segmentation")
+    shared = seg_ds.get("SharedFunctionalGroupsSequence", [None])[0]
+    sources: dict[str, str] = {}
+    for item in seg_ds.PerFrameFunctionalGroupsSequence:
+        ident = item.get("SegmentIdentificationSequence") or (shared.get("SegmentIdentificationSequence") if shared else None)
+        if ident and int(ident[0].ReferencedSegmentNumber) != segment_number:
+            continue
+        for deriv in item.get("DerivationImageSequence", []):
+            for src in deriv.get("SourceImageSequence", []):
+                sources[str(src.ReferencedSOPInstanceUID)] = str(src.ReferencedSOPClassUID)
+    if not sources:
+        raise ValueError(f"segment {segment_number} has no frames with source image references")
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=str(seg_ds.SOPClassUID),
+        sop_instance_uid=str(seg_ds.SOPInstanceUID),
+        segment_number=segment_number,
+        source_images=[hd.sr.SourceImageForSegmentation(cls, uid) for uid, cls in sources.items()],
+    )
+
+
 def write_measurement_report(
     source_series: DicomVolume | str | Path | Sequence[str | Path],
     groups: Sequence[MeasurementGroupSpec],
@@ -129,7 +156,7 @@ def write_measurement_report(
         if g.segment_number is not None:
             if seg_ds is None:
                 raise ValueError(f"group '{g.tracking_id}' refers to segment {g.segment_number} but no segmentation was given")
-            ref = hd.sr.ReferencedSegment.from_segmentation(seg_ds, g.segment_number)
+            ref = _referenced_segment(hd, seg_ds, g.segment_number)
             built.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=ref, **common))
         else:
             images = [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources]
