@@ -164,11 +164,17 @@ class DicomWebPacs:
 
     def ping(self) -> PingResult:
         """QIDO-RS query with limit 1: checks URL, TLS, auth and that DICOMweb answers."""
+        # One plain request: dicomweb-client retries failed connections with back-off (~30 s).
         try:
-            self._client.search_for_studies(limit=1)
+            response = self._session.get(f"{self.url}/studies", params={"limit": 1},
+                                         headers={"Accept": "application/dicom+json"})
+            response.raise_for_status()
         except Exception as exc:
             return PingResult(False, self.url, "dicomweb", explain_http_error(exc))
-        return PingResult(True, self.url, "dicomweb", "QIDO-RS answered")
+        if response.status_code == 204 or response.headers.get("Content-Type", "").startswith("application/dicom+json"):
+            return PingResult(True, self.url, "dicomweb", "QIDO-RS answered")
+        return PingResult(False, self.url, "dicomweb", f"answered HTTP {response.status_code} with "
+                          f"'{response.headers.get('Content-Type', '?')}', not DICOM JSON: is this the DICOMweb root?")
 
 
 def _timeout_adapter(requests, timeout_s: float):
@@ -187,6 +193,8 @@ def explain_http_error(exc: BaseException) -> str:
     """A sentence saying what is wrong with an HTTP(S) PACS connection and what to check."""
     requests = optional_import("requests", "DICOMweb access", extra="dicom")
     if isinstance(exc, requests.exceptions.SSLError):
+        if "wrong version number" in str(exc).lower():
+            return "TLS handshake failed: this port speaks plain HTTP, not HTTPS (use http://)"
         return (
             "TLS failed (certificate not trusted, expired, or wrong host name): check the certificate, pass the "
             "site CA bundle (verify_tls=/path/ca.pem, --ca-bundle) or, for testing only, --insecure"

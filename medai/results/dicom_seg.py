@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from medai.errors import DicomError, DicomSeriesError
-from medai.io.dicom import DicomVolume, load_series, read_dataset
+from medai.io.dicom import ORIENTATION_TOLERANCE, DicomVolume, load_series, read_dataset
 from medai.utils import optional_import
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,13 @@ def _source_datasets(volume: DicomVolume):
         # An empty Specific Character Set means the default repertoire; highdicom wants it absent.
         if "SpecificCharacterSet" in ds and not str(ds.SpecificCharacterSet).strip():
             del ds.SpecificCharacterSet
+    if len(datasets) > 1 and all("ImageOrientationPatient" in ds for ds in datasets):
+        # Scanners round IOP differently per slice (e.g. -0.0597709 vs -0.059771); load_series accepted
+        # them within ORIENTATION_TOLERANCE, and highdicom needs them identical: use the first slice's.
+        common = datasets[0].ImageOrientationPatient
+        for ds in datasets[1:]:
+            if np.max(np.abs(np.subtract([float(v) for v in ds.ImageOrientationPatient], [float(v) for v in common]))) <= ORIENTATION_TOLERANCE:
+                ds.ImageOrientationPatient = common
     if len(paths) == 1 and len(volume.frames) > 1:
         # One enhanced multi-frame source: SEG frames follow the source frame numbers.
         order = np.argsort([fr.frame for fr in volume.frames])
