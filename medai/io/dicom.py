@@ -104,8 +104,13 @@ def sop_class_name(uid: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def read_dataset(path: str | Path, *, stop_before_pixels: bool = False, allow_no_preamble: bool = False):
-    """Read one DICOM Part 10 file or raise DicomReadError naming the file and why."""
+def read_dataset(path: str | Path, *, stop_before_pixels: bool = False, allow_no_preamble: bool = False,
+                 defer_pixels: bool = True):
+    """Read one DICOM Part 10 file or raise DicomReadError naming the file and why.
+
+    defer_pixels: leave large values (Pixel Data) on disk until used: fast scans; loaders that decode
+    anyway pass False to read each file once.
+    """
     pydicom = _pydicom()
     from pydicom.errors import InvalidDicomError
 
@@ -118,7 +123,8 @@ def read_dataset(path: str | Path, *, stop_before_pixels: bool = False, allow_no
         raise DicomReadError(path, "empty file")
     try:
         ds = pydicom.dcmread(
-            path, stop_before_pixels=stop_before_pixels, defer_size="256 KB", force=allow_no_preamble
+            path, stop_before_pixels=stop_before_pixels, defer_size="256 KB" if defer_pixels else None,
+            force=allow_no_preamble,
         )
     except InvalidDicomError as exc:
         with open(path, "rb") as fh:
@@ -137,11 +143,11 @@ def read_dataset(path: str | Path, *, stop_before_pixels: bool = False, allow_no
     if allow_no_preamble and "SOPClassUID" not in ds:
         raise DicomReadError(path, "not a DICOM file (no SOP Class UID)")
     try:
-        # Touch every top-level element now so that odd VRs and bad lengths fail here, at the boundary.
-        for elem in ds.iterall():
-            if elem.tag == 0x7FE00010:
-                continue
-            _ = elem.value
+        # Convert every public top-level element now so that odd VRs and bad lengths fail here, at the
+        # boundary. Private elements and sequence contents stay raw (parsing them all triples load time).
+        for tag in list(ds.keys()):
+            if tag != 0x7FE00010 and not tag.is_private:
+                _ = ds[tag].value
     except Exception as exc:  # pydicom raises many types for bad values
         raise DicomReadError(path, f"malformed element ({type(exc).__name__}: {exc})") from exc
     if not stop_before_pixels:
@@ -678,7 +684,7 @@ def load_series(
     by_series: dict[str, list[str]] = defaultdict(list)
     for path in paths:
         try:
-            ds = read_dataset(path)
+            ds = read_dataset(path, defer_pixels=False)
             if not ds.get("SeriesInstanceUID"):
                 raise DicomReadError(path, "missing Series Instance UID")
             kind = instance_kind(str(ds.get("SOPClassUID", "")))
