@@ -165,10 +165,13 @@ def _check_pixel_element_complete(ds, path: Path, file_size: int) -> None:
     if "PixelData" not in ds:
         return
     raw = ds.get_item("PixelData")
-    length = getattr(raw, "length", None)
-    tell = getattr(raw, "value_tell", None)
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    # Offsets can be compared with the file size only for a value still on disk (deferred) in a
+    # file that is not deflated (a deflated file's offsets count inflated bytes).
+    deferred = getattr(raw, "value", None) is None and ts != "1.2.840.10008.1.2.1.99"
+    length = getattr(raw, "length", None) if deferred else None
+    tell = getattr(raw, "value_tell", None) if deferred else None
     if ts is not None and not ts.is_compressed and all(k in ds for k in ("Rows", "Columns", "BitsAllocated")):
         frames = _int_or_none(ds.get("NumberOfFrames")) or 1
         bits = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) * frames

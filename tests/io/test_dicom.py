@@ -388,3 +388,47 @@ def test_cli_scan_convert_info(dicom_dcmqi_path, tmp_path):
     assert result.exit_code == 0 and "decode ok" in result.output
     result = runner.invoke(app, ["dicom", "info", str(dicom_dcmqi_path / "segmentations" / "liver_seg.nrrd")])
     assert result.exit_code == 1 and "not a DICOM file" in " ".join(result.output.split())
+
+
+# ---------------------------------------------------------------- syntaxes the shared DICOM folder lacks
+
+
+def test_jpeg_baseline_decodes_close_to_the_uncompressed_copy(wsi_dicom_google_path):
+    lossy = describe_file(wsi_dicom_google_path / "jpeg.dicom")
+    assert lossy["decodes"] and "JPEG Baseline" in lossy["transfer_syntax"]
+    from medai.io.dicom import decode_frames, read_dataset
+
+    jpeg, _ = decode_frames(read_dataset(wsi_dicom_google_path / "jpeg.dicom"), "jpeg")
+    raw, _ = decode_frames(read_dataset(wsi_dicom_google_path / "raw.dicom"), "raw")
+    assert jpeg.shape == raw.shape == (12, 256, 256, 3)
+    assert np.abs(jpeg.astype(int) - raw.astype(int)).mean() < 3  # lossy, but the same picture
+
+
+def test_deflate_and_reencoded_syntaxes_decode_identically(dicom_dcm_qa_ts_path, tmp_path):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
+
+    source = dicom_dcm_qa_ts_path / "1.dcm"
+    reference = pydicom.dcmread(source).pixel_array
+    ds = pydicom.dcmread(source)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "deflate.dcm", enforce_file_format=True)
+    assert np.array_equal(load_series(tmp_path / "deflate.dcm").slices[0], reference)
+    for uid in (RLELossless, JPEGLSLossless, JPEG2000Lossless):
+        ds = pydicom.dcmread(source)
+        ds.compress(uid)
+        ds.save_as(tmp_path / f"{uid}.dcm")
+        assert np.array_equal(load_series(tmp_path / f"{uid}.dcm").slices[0], reference), uid.name
+
+
+def test_a_decoder_is_installed_for_every_transfer_syntax_named_in_the_issue():
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import (
+        HTJ2K, RLELossless, HTJ2KLossless, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit,
+        JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless, DeflatedExplicitVRLittleEndian,
+    )
+
+    for uid in (DeflatedExplicitVRLittleEndian, RLELossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1,
+                JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2K):
+        if uid == DeflatedExplicitVRLittleEndian:
+            continue  # inflated by pydicom's reader, then native
+        assert get_decoder(uid).is_available, uid.name
