@@ -681,6 +681,7 @@ def load_series(
     if on_file_error not in ("raise", "skip"):
         raise ValueError("on_file_error must be 'raise' or 'skip'")
     paths = _dicom_files(source)
+    from_folder = isinstance(source, SeriesRecord) or (isinstance(source, (str, Path)) and Path(source).is_dir())
     label = str(source) if isinstance(source, (str, Path)) else (paths[0].parent if paths else "<empty>")
     failures = failures if failures is not None else []
     datasets: dict[str, Any] = {}
@@ -695,7 +696,9 @@ def load_series(
                 raise DicomNotImageError(path, sop_class_name(str(ds.SOPClassUID)))
             _check_image_attributes(ds, path)
         except DicomError as exc:
-            if on_file_error == "raise" and not (isinstance(exc, DicomReadError) and "not a DICOM file" in exc.reason and len(paths) > 1):
+            # In a folder, files that are not DICOM at all (notes, NIfTI, ...) are expected: record, go on.
+            foreign = from_folder and isinstance(exc, DicomReadError) and exc.reason.startswith("not a DICOM file")
+            if on_file_error == "raise" and not foreign:
                 raise
             failures.append(RefusedFile(str(path), type(exc).__name__, exc.reason))
             continue
