@@ -432,3 +432,18 @@ def test_a_decoder_is_installed_for_every_transfer_syntax_named_in_the_issue():
         if uid == DeflatedExplicitVRLittleEndian:
             continue  # inflated by pydicom's reader, then native
         assert get_decoder(uid).is_available, uid.name
+
+
+def test_voi_lut_path_matches_our_window_formula(dicom_brain_tumor_progression_path):
+    from medai.io.dicom import apply_voi_lut_frame
+
+    path = sorted((dicom_brain_tumor_progression_path / TCIA_SERIES).glob("*.dcm"))[10]
+    ds = pydicom.dcmread(path)
+    shown = apply_voi_lut_frame(path)  # pydicom's VOI LUT: output spans the stored value range
+    first = lambda v: float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)  # noqa: E731
+    center, width = first(ds.WindowCenter), first(ds.WindowWidth)
+    values = ds.pixel_array * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+    lo = -(2 ** (int(ds.BitsStored) - 1)) if ds.PixelRepresentation else 0
+    hi = 2 ** (int(ds.BitsStored) - (1 if ds.PixelRepresentation else 0)) - 1
+    ours = apply_window(values, center, width) * (hi - lo) + lo
+    np.testing.assert_allclose(shown, ours, atol=(hi - lo) * 1e-4)
