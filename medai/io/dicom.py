@@ -718,7 +718,67 @@ def load_series(
     return _assemble_volume([(p, datasets[p]) for p in chosen], label, strict, on_file_error, failures)
 
 
+def is_mosaic(ds) -> bool:
+    """True for a Siemens MOSAIC image (a grid of slices in one 2D frame)."""
+    return "MOSAIC" in [str(t).upper() for t in ds.get("ImageType", [])]
+
+
+def _load_mosaic(path: str, ds, label) -> DicomVolume:
+    """Un-tile a Siemens mosaic into slices with their geometry (slice count and normal from the CSA header).
+
+    nibabel's MosaicWrapper reads the Siemens CSA header (NumberOfImagesInMosaic, slice normal) that
+    pydicom does not parse; its affine indexes (row, column, slice) and is turned into ours here.
+    """
+    import warnings as _warnings
+
+    try:
+        with _warnings.catch_warnings():
+            _warnings.simplefilter("ignore")  # nibabel flags its DICOM readers as experimental
+            nicom = optional_import("nibabel.nicom.dicomwrappers", "Siemens mosaic un-tiling", extra="dicom")
+            wrapper = nicom.wrapper_from_data(ds)
+            data = np.asarray(wrapper.get_data())  # (rows, columns, slices), rescale applied
+            affine_rc = np.asarray(wrapper.affine, dtype=np.float64)
+    except ImportError:
+        raise
+    except Exception as exc:  # CSA header missing or malformed
+        raise DicomSeriesError(path, f"Siemens mosaic without a usable CSA header ({type(exc).__name__}: {exc})") from exc
+    if data.ndim != 3:
+        raise DicomSeriesError(path, f"mosaic un-tiled to shape {data.shape}, expected 3D")
+    affine = affine_rc.copy()
+    affine[:, [0, 1]] = affine_rc[:, [1, 0]]  # (row, column) -> (column, row)
+    array = np.ascontiguousarray(data.transpose(1, 0, 2))
+    if not array.dtype.isnative:  # big endian files
+        array = array.astype(array.dtype.newbyteorder("="))
+    if np.issubdtype(array.dtype, np.floating) and np.all(array == np.round(array)) and array.min() >= -32768 and array.max() <= 32767:
+        array = array.astype(np.int16)
+    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+    window = None
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        window = (_first_float(ds.WindowCenter), _first_float(ds.WindowWidth))
+    orientation = _ds_float_seq(ds.get("ImageOrientationPatient"), 6)
+    frames = [
+        FrameGeometry(path=str(path), frame=0, sop_instance_uid=str(ds.SOPInstanceUID),
+                      position=(affine @ [0, 0, k, 1])[:3], orientation=orientation,
+                      pixel_spacing=(spacing[1], spacing[0]), slice_thickness=_int_or_none(ds.get("SliceThickness")),
+                      slope=float(ds.get("RescaleSlope", 1) or 1), intercept=float(ds.get("RescaleIntercept", 0) or 0),
+                      instance_number=_int_or_none(ds.get("InstanceNumber")), window=window)
+        for k in range(array.shape[2])
+    ]
+    metadata = _series_metadata(ds, frames, "patient")
+    metadata["mosaic_slices"] = int(array.shape[2])
+    return DicomVolume(array=array, affine_lps=affine, spacing_mm=spacing, geometry="patient", photometric="MONOCHROME",
+                       metadata=metadata, frames=frames,
+                       warnings=[f"Siemens mosaic un-tiled into {array.shape[2]} slices (geometry from the CSA header)"])
+
+
 def _assemble_volume(items, label, strict: bool, on_file_error: str, failures: list[RefusedFile]) -> DicomVolume:
+    mosaics = [(p, ds) for p, ds in items if is_mosaic(ds)]
+    if mosaics:
+        if len(items) > 1:
+            raise DicomSeriesError(
+                label, f"{len(mosaics)} Siemens mosaic volumes in one series (a time series): load one file at a time"
+            )
+        return _load_mosaic(*mosaics[0], label)
     warnings: list[str] = []
     frames: list[FrameGeometry] = []
     seen_sops: set[str] = set()
@@ -770,10 +830,6 @@ def _assemble_volume(items, label, strict: bool, on_file_error: str, failures: l
         warnings.append(dtype_note)
     array = np.moveaxis(stack, 0, 2).swapaxes(0, 1) if stack.ndim == 3 else stack.transpose(2, 1, 0, 3)
     first = datasets[frames[0].path]
-    if "MOSAIC" in [str(t).upper() for t in first.get("ImageType", [])]:
-        warnings.append(
-            "Siemens MOSAIC image: each 2D frame holds a grid of slices; geometry describes the mosaic, not the slices"
-        )
     metadata = _series_metadata(first, frames, geometry)
     for w in warnings:
         log.warning("%s: %s", label, w)

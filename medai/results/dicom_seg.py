@@ -134,6 +134,8 @@ def write_segmentation(
     labels = np.asarray(labels)
     if labels.shape[:3] != spatial:
         raise ValueError(f"labels shape {labels.shape} does not match the source volume {spatial} ([column, row, slice])")
+    if "mosaic_slices" in volume.metadata:
+        raise DicomSeriesError(volume.frames[0].path, "SEG over a Siemens mosaic is not supported (its slices are not DICOM frames)")
     datasets, frame_order = _source_datasets(volume)
     if labels.ndim == 3:
         values = set(np.unique(labels).tolist()) - {0}
