@@ -267,9 +267,9 @@ class DimsePacs:
             status = assoc.send_c_echo()
         finally:
             assoc.release()
-        if status and status.Status == 0:
+        if _status_code(status) == 0:
             return PingResult(True, self._label, "dimse", "C-ECHO succeeded")
-        return PingResult(False, self._label, "dimse", f"C-ECHO returned status {getattr(status, 'Status', 'none')}")
+        return PingResult(False, self._label, "dimse", f"C-ECHO returned status {_status_code(status)}")
 
     def find(self, level: str = "STUDY", **keys: Any) -> list[dict[str, Any]]:
         """C-FIND (Study Root) at STUDY/SERIES/IMAGE level; keys are DICOM keywords ('' returns the field)."""
@@ -289,12 +289,13 @@ class DimsePacs:
         out = []
         try:
             for status, ident in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
-                if status is None:
-                    raise PacsError(self._label, "C-FIND: connection lost or timed out")
-                if status.Status in (0xFF00, 0xFF01) and ident is not None:
+                code = _status_code(status)
+                if code is None:
+                    raise PacsError(self._label, "C-FIND: no status (association aborted: is this AE allowed to query?)")
+                if code in (0xFF00, 0xFF01) and ident is not None:
                     out.append({e.keyword: (str(e.value) if e.VR not in ("IS", "US") else e.value) for e in ident if e.keyword})
-                elif status.Status not in (0x0000, 0xFF00, 0xFF01):
-                    raise PacsError(self._label, f"C-FIND failed with status 0x{status.Status:04X}")
+                elif code not in (0x0000, 0xFF00, 0xFF01):
+                    raise PacsError(self._label, f"C-FIND failed with status 0x{code:04X}")
         finally:
             assoc.release()
         return out
@@ -314,9 +315,10 @@ class DimsePacs:
         stored = 0
         try:
             for path, ds in datasets:
-                status = assoc.send_c_store(ds)
-                if status is None or status.Status not in (0x0000, 0xB000, 0xB007, 0xB006):
-                    raise PacsError(self._label, f"C-STORE of {path} failed (status {getattr(status, 'Status', 'none')})")
+                code = _status_code(assoc.send_c_store(ds))
+                if code not in (0x0000, 0xB000, 0xB007, 0xB006):
+                    reason = "no status: association aborted (is this AE allowed to store?)" if code is None else f"status 0x{code:04X}"
+                    raise PacsError(self._label, f"C-STORE of {path} failed ({reason})")
                 stored += 1
         finally:
             assoc.release()
@@ -358,9 +360,9 @@ class DimsePacs:
             try:
                 final = None
                 for status, _ in assoc.send_c_move(query, ae_title, StudyRootQueryRetrieveInformationModelMove):
-                    if status is None:
-                        raise PacsError(self._label, "C-MOVE: connection lost or timed out")
-                    final = status.Status
+                    final = _status_code(status)
+                    if final is None:
+                        raise PacsError(self._label, "C-MOVE: no status (association aborted: is this AE allowed to move?)")
                 if final not in (0x0000, None):
                     raise PacsError(
                         self._label,
@@ -371,6 +373,11 @@ class DimsePacs:
         finally:
             server.shutdown()
         return sorted(received)
+
+
+def _status_code(status) -> int | None:
+    """The DIMSE status value, or None when the peer sent none (pynetdicom returns an empty Dataset on abort)."""
+    return int(status.Status) if status is not None and "Status" in status else None
 
 
 def _explain_association(assoc) -> str:

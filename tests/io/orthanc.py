@@ -81,9 +81,15 @@ def start_orthanc(folder: Path, *, users: dict[str, str] | None = None) -> Ortha
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": bool(users),
         "RegisteredUsers": users or {},
+        # Orthanc 1.10 cannot bind its DICOM port to loopback only, so only the registered modality
+        # (AE MEDAI from 127.0.0.1) may store/find/move; anyone may C-ECHO (the ping test needs it).
         "DicomCheckCalledAet": True,
+        "DicomCheckModalityHost": True,
         "DicomAlwaysAllowEcho": True,
-        "DicomAlwaysAllowStore": True,
+        "DicomAlwaysAllowStore": False,
+        "DicomAlwaysAllowFind": False,
+        "DicomAlwaysAllowGet": False,
+        "DicomAlwaysAllowMove": False,
         "DicomModalities": {"medai": ["MEDAI", "127.0.0.1", move_port]},
         "Plugins": [str(DICOMWEB_PLUGIN)],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "StudiesMetadata": "Full"},

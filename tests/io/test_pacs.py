@@ -125,3 +125,9 @@ def test_stow_failure_is_a_pacs_error(orthanc_with_auth, dicom_dcmqi_path):
     pacs = DicomWebPacs(orthanc_with_auth.dicomweb_url)
     with pytest.raises(PacsError, match="401"):
         pacs.store(sorted((dicom_dcmqi_path / "segmentations" / "ct-3slice").glob("*.dcm")))
+
+
+def test_unregistered_ae_cannot_store(orthanc, dicom_dcmqi_path):
+    stranger = DimsePacs("127.0.0.1", orthanc.dicom_port, called_ae=orthanc.aet, calling_ae="STRANGER")
+    with pytest.raises(PacsError):
+        stranger.store(sorted((dicom_dcmqi_path / "segmentations" / "ct-3slice").glob("*.dcm"))[:1])
