@@ -10,7 +10,6 @@ Errors are PacsError naming the server (never credentials, never patient identif
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -429,7 +428,3 @@ def push_files(url: str, paths: Iterable[str | Path], **auth: Any) -> int:
         return parse_dimse_url(url).store(paths)
     return DicomWebPacs(url, **auth).store(paths)
 
-
-def temporary_folder(prefix: str = "medai-pacs-") -> Path:
-    """A new temporary folder for retrieved series."""
-    return Path(tempfile.mkdtemp(prefix=prefix))

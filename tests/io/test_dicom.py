@@ -14,7 +14,6 @@ import pytest
 
 from medai.errors import (
     DicomDecodeError,
-    DicomError,
     DicomNoPixelDataError,
     DicomNotImageError,
     DicomReadError,
