@@ -104,3 +104,15 @@ class PacsError(MedaiError):
     def __init__(self, server: str, reason: str):
         self.server, self.reason = server, reason
         super().__init__(f"{server}: {reason}")
+
+
+class InvalidVolumeError(MedaiError, ValueError):
+    """An image or label volume cannot be segmented as given (not 3D, bad spacing, empty, NaN)."""
+
+    def __init__(self, path: str | Path | None, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"{path or '<in-memory volume>'}: {reason}")
+
+
+class ModelInputError(MedaiError, ValueError):
+    """A tensor given to a model has the wrong shape, channel count, size or non-finite values."""
