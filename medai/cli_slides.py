@@ -201,12 +201,15 @@ def slides_heatmap(
         ..., help="Features or coords HDF5 of this slide (gives coords and patch size)."
     ),
     scores: Path = typer.Argument(
-        ..., help=".npy with one score per patch, or an HDF5 with a dataset named --key."
+        ...,
+        help="Scores per patch: .npy, .npz (`medai mil attention` output: slide_scores + coords) or HDF5.",
     ),
     out_prefix: Path = typer.Option(
         ..., "--out", help="Output prefix: <out>_heatmap.png, _region.png, _heatmap.geojson."
     ),
-    key: str = typer.Option("scores", help="Dataset name when SCORES is HDF5."),
+    key: str | None = typer.Option(
+        None, help="Array/dataset name in SCORES (default: slide_scores in .npz, scores in HDF5)."
+    ),
     label: str = typer.Option("attention", help="Score name in the colour bar and GeoJSON."),
     normalize: str = typer.Option("percentile", help="percentile, minmax or none."),
     mpp: float | None = typer.Option(None, help=_MPP_HELP),
@@ -217,17 +220,13 @@ def slides_heatmap(
     from medai.errors import MedaiError
     from medai.io.patch_h5 import read_coords_h5
     from medai.io.wsi import open_slide
-    from medai.results.heatmap import render_heatmap
+    from medai.results.heatmap import load_scores, render_heatmap
 
     try:
         coords, attrs = read_coords_h5(features_h5)
-        if scores.suffix == ".npy":
-            values = np.load(scores)
-        else:
-            import h5py
-
-            with h5py.File(scores, "r") as handle:
-                values = handle[key][()]
+        values, score_coords = load_scores(scores, key)
+        if score_coords is not None and not np.array_equal(score_coords, coords):
+            raise ValueError(f"{scores}: its coords differ from those in {features_h5}")
         with open_slide(slide, mpp=mpp) as handle:
             files = render_heatmap(
                 handle,

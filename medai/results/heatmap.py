@@ -193,6 +193,29 @@ def heatmap_geojson(
     return {"type": "FeatureCollection", "features": features}
 
 
+def load_scores(path: str | Path, key: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Return (scores (N,), coords (N, 2) or None) from .npy, .npz (MIL attention maps) or HDF5."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such scores file")
+    if path.suffix == ".npy":
+        return np.asarray(np.load(path), dtype=np.float64).reshape(-1), None
+    if path.suffix == ".npz":
+        with np.load(path) as data:
+            name = key or ("slide_scores" if "slide_scores" in data else "scores")
+            if name not in data:
+                raise KeyError(f"{path}: no array '{name}' (has: {', '.join(data.files)})")
+            coords = np.asarray(data["coords"], dtype=np.int64) if "coords" in data else None
+            return np.asarray(data[name], dtype=np.float64).reshape(-1), coords
+    h5py = optional_import("h5py", "reading scores from HDF5", "wsi")
+    with h5py.File(path, "r") as handle:
+        name = key or "scores"
+        if name not in handle:
+            raise KeyError(f"{path}: no dataset '{name}' (has: {', '.join(handle.keys())})")
+        coords = np.asarray(handle["coords"][()], dtype=np.int64) if "coords" in handle else None
+        return np.asarray(handle[name][()], dtype=np.float64).reshape(-1), coords
+
+
 def _tick_labels(scores: np.ndarray, method: Normalize) -> list[str]:
     if method == "percentile":
         qs = np.quantile(scores, [1.0, 0.75, 0.5, 0.25, 0.0])

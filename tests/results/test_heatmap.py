@@ -67,3 +67,37 @@ def test_heatmap_overlay_region_and_geojson(tmp_path, wsi_cmu1_small_region_path
     assert len(collection["features"]) == len(grid.coords)
     props = collection["features"][int(np.argmax(scores))]["properties"]
     assert props["measurements"]["attention"] == scores.max() and props["objectType"] == "detection"
+
+
+def test_cli_renders_mil_attention_npz(tmp_path, wsi_cmu1_small_region_path):
+    from typer.testing import CliRunner
+
+    from medai.cli import app
+    from medai.io.patch_h5 import write_coords_h5
+
+    with open_slide(wsi_cmu1_small_region_path) as slide:
+        grid = build_patch_grid(slide, segment_slide(slide, None, "cmu").tissue, "cmu")
+    h5 = write_coords_h5(tmp_path / "cmu.h5", grid)
+    scores = np.linspace(0, 1, len(grid.coords))
+    # the layout `medai mil attention` writes (pipelines/mil_heatmaps.save_attention_maps)
+    np.savez(
+        tmp_path / "att.npz", slide_scores=scores, branch_scores=scores[None], coords=grid.coords
+    )
+    args = [
+        "slides",
+        "heatmap",
+        str(wsi_cmu1_small_region_path),
+        str(h5),
+        str(tmp_path / "att.npz"),
+    ]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "hm" / "cmu")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "hm" / "cmu_heatmap.png").is_file() and (
+        tmp_path / "hm" / "cmu_region.png"
+    ).is_file()
+    np.savez(tmp_path / "other.npz", slide_scores=scores, coords=grid.coords + 1)
+    args[-1] = str(tmp_path / "other.npz")
+    mismatch = CliRunner().invoke(
+        app, [*args, "--out", str(tmp_path / "x")], env={"COLUMNS": "200"}
+    )
+    assert mismatch.exit_code == 1 and "coords differ" in mismatch.output
