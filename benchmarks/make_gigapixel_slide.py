@@ -1,6 +1,6 @@
 """Write a realistic multi-level Aperio-style pyramidal TIFF (default 50,000 x 50,000 px) for scale tests.
 
-    python benchmarks/make_gigapixel_slide.py /tmp/giga.svs --size 50000
+    python benchmarks/make_gigapixel_slide.py [OUT.svs] --size 50000   # default OUT: <tmp>/medai_giga_50000.svs
 
 Layout as Aperio writes it, so OpenSlide reports vendor 'aperio' with mpp and objective:
 page 0 level 0 (JPEG tiles 256 x 256, ImageDescription 'Aperio Image Library ...|AppMag = 20|MPP = 0.5'),
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -172,7 +173,14 @@ def write_slide(
 def main() -> None:
     """Command line entry."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path)
+    parser.add_argument(
+        "out",
+        type=Path,
+        nargs="?",
+        default=None,
+        help="default: <tmp>/medai_giga_<size>.svs (kept if present)",
+    )
+    parser.add_argument("--force", action="store_true", help="rewrite the file even if it exists")
     parser.add_argument(
         "--size", type=int, default=50_000, help="level-0 side in px (>= 50000 for the scale test)"
     )
@@ -181,7 +189,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    write_slide(args.out, args.size, args.mpp, args.quality, args.seed)
+    out = args.out or Path(tempfile.gettempdir()) / f"medai_giga_{args.size}.svs"
+    if out.exists() and not args.force:
+        log.info("%s exists (pass --force to rewrite it)", out)
+        return
+    write_slide(out, args.size, args.mpp, args.quality, args.seed)
 
 
 if __name__ == "__main__":
