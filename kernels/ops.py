@@ -73,7 +73,11 @@ def neighborhood_attention_2d(
     return dispatch("neighborhood_attention_2d", q.device)(q, k, v, kernel_size, dilation, rpb, scale)
 
 
-register_op("gated_attention_pool", reference="kernels.gated_attention_pool_ref:gated_attention_pool_ref")
+register_op(
+    "gated_attention_pool",
+    reference="kernels.gated_attention_pool_ref:gated_attention_pool_ref",
+    triton="kernels.gated_attention_pool:gated_attention_pool",
+)
 
 
 def gated_attention_pool(
