@@ -52,7 +52,7 @@ def selective_scan(
 register_op(
     "neighborhood_attention_2d",
     reference="kernels.neighborhood_attention_ref:neighborhood_attention_2d",
-    triton=None,
+    triton="kernels.neighborhood_attention:neighborhood_attention_2d",
 )
 
 
