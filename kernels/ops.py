@@ -15,7 +15,11 @@ __all__ = ["OPS", "dispatch", "register_op", "select_backend", "selective_scan",
            "gated_attention_pool", "slide_attention"]
 
 
-register_op("selective_scan", reference="kernels.selective_scan_ref:selective_scan_chunked", triton=None)
+register_op(
+    "selective_scan",
+    reference="kernels.selective_scan_ref:selective_scan_chunked",
+    triton="kernels.selective_scan:selective_scan",
+)
 
 
 def selective_scan(
