@@ -4,8 +4,8 @@ Same contract as kernels/slide_attention_ref.py (dilated LongNet segments, 2D-lo
 patch-grid coords, key padding). Algorithm:
 - The pattern is expressed per token as an integer group (segment * dilation + residue) and a
   grid position; a query sees a key iff the groups match, the key is real and (with a window)
-  both grid offsets are within the radius. The wrapper sorts tokens by group (stable, so grid
-  order inside a group is kept) so groups are contiguous, and precomputes per block of 32 tokens
+  both grid offsets are within the radius. The wrapper sorts tokens by group and, with a window,
+  by 8 x 4 tiles of the patch grid (`token_order`), and precomputes per block of 32 tokens
   the min/max group and the bounding box of its coords. A query block then skips every key block
   whose group range or expanded box does not meet its own: the work follows the pattern's
   sparsity (segments and windows cost what they attend to, up to block granularity).
@@ -256,6 +256,30 @@ class _SlideAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
+TILE_W, TILE_H = 8, 4  # a 32-token block covers an 8 x 4 patch tile: compact boxes for 2D windows
+
+
+def token_order(groups: torch.Tensor, coords: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """Return the (B, N) order the kernel sees tokens in, or None to keep theirs.
+
+    Tokens are sorted by group (segments and dilation residues become contiguous runs), then, with
+    a window, by 8 x 4 tiles of the patch grid, so each block of 32 tokens covers a compact box and
+    meets few key blocks. Any order is correct (the result is put back); this one is fast.
+    """
+    if coords is None:
+        if bool((groups[1:] >= groups[:-1]).all()):
+            return None  # dense or contiguous segments: already grouped
+        return torch.argsort(groups, stable=True).expand(batch, -1)
+    x = coords[..., 0].long() - coords[..., 0].amin(dim=1, keepdim=True)
+    y = coords[..., 1].long() - coords[..., 1].amin(dim=1, keepdim=True)
+    tiles_x = int(x.max()) // TILE_W + 1
+    tiles_y = int(y.max()) // TILE_H + 1
+    tile = (y // TILE_H) * tiles_x + x // TILE_W
+    within = (y % TILE_H) * TILE_W + x % TILE_W
+    key = (groups.long()[None] * (tiles_x * tiles_y) + tile) * (TILE_W * TILE_H) + within
+    return torch.argsort(key, dim=1, stable=True)
+
+
 def slide_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -274,23 +298,27 @@ def slide_attention(
     out_dtype = q.dtype
     work = torch.float32 if q.dtype == torch.bfloat16 else q.dtype  # interpreter: bf16 computed in fp32
     groups = token_groups(n, segment_length, dilation, q.device)
-    # Stable sort by group makes every group contiguous; a dense or window-only pattern is one group (no-op).
-    order = torch.argsort(groups, stable=True) if (segment_length is not None or dilation > 1) else None
+    has_window = window_radius is not None
+    order = token_order(groups, coords if has_window else None, batch)  # (B, N) or None
 
     def arrange(t: torch.Tensor, axis: int) -> torch.Tensor:
-        return t if order is None else t.index_select(axis, order)
+        if order is None:
+            return t
+        index = order.view(batch, *([1] * (axis - 1)), n, *([1] * (t.dim() - axis - 1))).expand(
+            *t.shape[:axis], n, *t.shape[axis + 1 :])
+        return t.gather(axis, index)
 
-    has_window = window_radius is not None
     xy = arrange(coords, 1).to(torch.int32) if has_window else torch.zeros((batch, n, 2), dtype=torch.int32, device=q.device)
     key_ok = key_padding_mask if key_padding_mask is not None else torch.ones((batch, n), dtype=torch.bool, device=q.device)
     key_ok = arrange(key_ok, 1).to(torch.int8).contiguous()
-    group_ids = arrange(groups, 0).to(torch.int32).expand(batch, n).contiguous()
+    group_ids = arrange(groups.expand(batch, n), 1).to(torch.int32).contiguous()
     q_, k_, v_ = (arrange(t, 2).to(work).contiguous() for t in (q, k, v))
     radius = int(window_radius) if has_window else _NO_WINDOW
     out, lse = _SlideAttention.apply(q_, k_, v_, group_ids, xy.contiguous(), key_ok, scale, radius, has_window)
     if order is not None:
-        inverse = torch.argsort(order)
-        out, lse = out.index_select(2, inverse), lse.index_select(2, inverse)
+        inverse = torch.argsort(order, dim=1)
+        out = out.gather(2, inverse[:, None, :, None].expand_as(out))
+        lse = lse.gather(2, inverse[:, None, :].expand_as(lse))
     return out.to(out_dtype), lse
 
 
@@ -308,7 +336,8 @@ def visited_block_fraction(
     """
     device = coords.device if coords is not None else "cpu"
     groups = token_groups(num_tokens, segment_length, dilation, device)
-    order = torch.argsort(groups, stable=True)
+    order = token_order(groups, coords[:1] if window_radius is not None else None, 1)
+    order = torch.arange(num_tokens, device=device) if order is None else order[0]
     xy = (coords[0] if coords is not None else torch.zeros(num_tokens, 2, dtype=torch.long))[order].to(torch.int32)
     info = _block_info(groups[order].to(torch.int32)[None], xy[None], torch.ones(1, num_tokens, dtype=torch.bool))[0]
     meet = (info[None, :, 0] <= info[:, None, 1]) & (info[None, :, 1] >= info[:, None, 0])
