@@ -29,10 +29,14 @@ def _run(fn, h, params, mask, weight, weight_logits):
     return pooled, logits, [t.grad for t in leaves]
 
 
-# N = 1 (one instance), 45 (not a multiple of the 32-instance block), D odd, K = 1, L not a power of 2.
+# N = 1 (one instance), 45 (not a multiple of the 32-instance block), D odd (and split in D-chunks), K = 1,
+# L not a power of 2.
 @pytest.mark.parametrize("n,d,hidden,k", [(1, 5, 3, 1), (45, 13, 9, 3), (70, 33, 20, 2)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_forward_and_gradients_match_reference_fp32(kernel_device, n, d, hidden, k, masked):
+def test_forward_and_gradients_match_reference_fp32(kernel_device, monkeypatch, n, d, hidden, k, masked):
+    import kernels.gated_attention_pool as kernel_module
+
+    monkeypatch.setattr(kernel_module, "D_CHUNK", 16)  # D = 33 runs in 3 chunks of 16: the chunked walk over D
     g = torch.Generator().manual_seed(n + d)
     h = torch.randn(n, d, generator=g).to(kernel_device)
     params = [t.to(kernel_device) for t in make_params(d, hidden, k, seed=n)]
@@ -94,7 +98,7 @@ def test_workspace_independent_of_bag_size():
     from kernels.gated_attention_pool import NUM_SPLITS, _launch_shape
 
     small, large = _launch_shape(10_000, 512, 128, 2), _launch_shape(1_000_000, 512, 128, 2)
-    assert small[1] == large[1] == NUM_SPLITS  # same number of (K, D) partials for 10k and 1M instances
+    assert small[1] == large[1] == (NUM_SPLITS, 4)  # same (K, D) partials for 10k and 1M instances; D in 4 chunks
 
 
 def test_dispatch_selects_the_kernel(monkeypatch, kernel_device):
