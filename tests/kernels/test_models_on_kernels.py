@@ -48,7 +48,7 @@ def bag_5k(mil_sicapv2_128d_path):
     return torch.from_numpy(np.resize(features, (5000, features.shape[1]))).float()
 
 
-# 5,000 instances take ~80 s under the interpreter on the loaded 2-core machine (slow); 300 run by default.
+# 5,000 instances take 80-200 s under the interpreter on the loaded 2-core machine (slow); 300 run by default.
 @pytest.mark.parametrize("num_instances", [300, pytest.param(5000, marks=pytest.mark.slow)])
 def test_acmil_forward_backward_on_5k_bag_matches_reference(monkeypatch, bag_5k, num_instances):
     from models.mil import mil_loss
