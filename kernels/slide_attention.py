@@ -209,15 +209,15 @@ def _block_info(groups: torch.Tensor, xy: torch.Tensor, valid: torch.Tensor) -> 
     big, small = torch.iinfo(torch.int32).max // 4, torch.iinfo(torch.int32).min // 4
 
     def reduce(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        low = F_pad(values.masked_fill(~valid, big), pad, big).view(batch, blocks, BLOCK).amin(-1)
-        high = F_pad(values.masked_fill(~valid, small), pad, small).view(batch, blocks, BLOCK).amax(-1)
+        low = _pad_right(values.masked_fill(~valid, big), pad, big).view(batch, blocks, BLOCK).amin(-1)
+        high = _pad_right(values.masked_fill(~valid, small), pad, small).view(batch, blocks, BLOCK).amax(-1)
         return low, high
 
     parts = [*reduce(groups), *reduce(xy[..., 0]), *reduce(xy[..., 1])]
     return torch.stack(parts, dim=-1).to(torch.int32).contiguous()
 
 
-def F_pad(values: torch.Tensor, pad: int, fill: int) -> torch.Tensor:
+def _pad_right(values: torch.Tensor, pad: int, fill: int) -> torch.Tensor:
     """Right-pad the last axis with `fill`."""
     return torch.nn.functional.pad(values, (0, pad), value=fill)
 
