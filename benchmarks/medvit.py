@@ -81,6 +81,7 @@ def main() -> None:
         print(json.dumps(measure(args._one[0], args._one[1], args.device, args.batch, args.size, args.repeats)))
         return
     rows = []
+    print(f"device={args.device} batch={args.batch} size={args.size}px repeats={args.repeats}", flush=True)
     for name in args.models:
         for mode in ("forward", "train"):
             cmd = [sys.executable, __file__, "--_one", name, mode, "--device", args.device,
@@ -90,8 +91,8 @@ def main() -> None:
                 print(f"{name} {mode}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
                 continue
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)  # partial results survive an interrupted run
     base = {r["mode"]: r for r in rows if r["model"] == "resnet50"}
-    print(f"device={args.device} batch={args.batch} size={args.size}px repeats={args.repeats}")
     print(f"{'model':15s} {'params M':>9s} {'mode':8s} {'img/s':>8s} {'x resnet50':>10s} {'peak MiB':>9s} {'x resnet50':>10s}")
     for r in rows:
         b = base.get(r["mode"])
