@@ -74,12 +74,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--models", nargs="*", default=MODELS)
+    parser.add_argument("--models", nargs="*", default=None,
+                        help="default: all on CUDA; on CPU the two baselines, medvit_tiny and medvit_small (make bench)")
     parser.add_argument("--_one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._one:
         print(json.dumps(measure(args._one[0], args._one[1], args.device, args.batch, args.size, args.repeats)))
         return
+    if args.models is None:
+        args.models = MODELS if args.device.startswith("cuda") else MODELS[:4]
     rows = []
     print(f"device={args.device} batch={args.batch} size={args.size}px repeats={args.repeats}", flush=True)
     for name in args.models:
