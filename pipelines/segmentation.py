@@ -143,22 +143,22 @@ def label_metrics(
     return out
 
 
-def bootstrap_ci(values: Sequence[float], n_resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
-    """Mean and percentile-bootstrap CI over cases (nan values dropped, their count reported)."""
-    array = np.asarray(values, dtype=np.float64)
-    finite = array[np.isfinite(array)]
-    if finite.size == 0:
-        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0, "n_undefined": int(array.size)}
-    rng = np.random.default_rng(seed)
-    means = rng.choice(finite, size=(n_resamples, finite.size), replace=True).mean(1)
-    alpha = (1 - level) / 2
-    return {
-        "mean": float(finite.mean()),
-        "low": float(np.quantile(means, alpha)),
-        "high": float(np.quantile(means, 1 - alpha)),
-        "n": int(finite.size),
-        "n_undefined": int(array.size - finite.size),
-    }
+def summarize_cases(per_case: Sequence[dict[str, Any]], keys: Sequence[str], n_boot: int = 2000) -> dict[str, Any]:
+    """Mean over cases of each metric with a percentile-bootstrap 95% CI (the engine's bootstrap).
+
+    Undefined values (HD95 with an empty mask) are left out of the mean and counted.
+    """
+    from pipelines.metrics import bootstrap_ci
+
+    preds = {key: np.array([row[key] for row in per_case], dtype=np.float64) for key in keys}
+
+    def means(p: dict[str, np.ndarray]) -> dict[str, float]:
+        return {k: float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else float("nan") for k, v in p.items()}
+
+    summary = bootstrap_ci(means, preds, n_boot=n_boot)
+    for key in keys:
+        summary[key]["n_undefined"] = int((~np.isfinite(preds[key])).sum())
+    return summary
 
 
 def evaluate_segmentation(
@@ -188,11 +188,8 @@ def evaluate_segmentation(
         spacing = np.linalg.norm(np.asarray(image.affine)[:3, :3], axis=0).tolist()
         per_case.append({"case": record["case"], **label_metrics(prediction, truth[0], spacing, labels)})
     seconds = time.perf_counter() - started
-    summary = {}
-    for name in labels.values():
-        for metric in ("dice", "hd95"):
-            key = f"{metric}_{name}"
-            summary[key] = bootstrap_ci([row[key] for row in per_case])
+    keys = [f"{metric}_{name}" for name in labels.values() for metric in ("dice", "hd95")]
+    summary = summarize_cases(per_case, keys) if per_case else {}
     return {
         "summary": summary,
         "per_case": per_case,
@@ -389,13 +386,14 @@ def format_summary(result: dict[str, Any]) -> str:
     parts = []
     for name in HIPPOCAMPUS_LABELS.values():
         d, h = result["summary"][f"dice_{name}"], result["summary"][f"hd95_{name}"]
-        parts.append(f"{name}: Dice {d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}], HD95 {h['mean']:.2f} mm"
+        parts.append(f"{name}: Dice {d['value']:.3f} [{d['low']:.3f}, {d['high']:.3f}], HD95 {h['value']:.2f} mm"
                      + (f" ({h['n_undefined']} undefined)" if h["n_undefined"] else ""))
     return "; ".join(parts)
 
 
 __all__ = [
-    "HIPPOCAMPUS_LABELS", "NNUNET_TASK04_DICE", "SegTrainConfig", "bootstrap_ci", "case_records",
+    "HIPPOCAMPUS_LABELS", "NNUNET_TASK04_DICE", "SegTrainConfig", "case_records",
     "evaluate_segmentation", "format_summary", "label_metrics", "list_cases", "make_split", "predict_volume",
-    "read_split", "save_overlay_montage", "sliding_window_logits", "train_segmentation", "write_split",
+    "read_split", "save_overlay_montage", "sliding_window_logits", "summarize_cases", "train_segmentation",
+    "write_split",
 ]
