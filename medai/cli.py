@@ -15,6 +15,9 @@ data_app = typer.Typer(help="Shared data: list and verify.", no_args_is_help=Tru
 models_app = typer.Typer(help="Registered models.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
+from medai.cli_seg import seg_app  # noqa: E402
+
+app.add_typer(seg_app, name="seg")
 console = Console()
 
 
