@@ -119,27 +119,22 @@ def label_metrics(
 ) -> dict[str, float]:
     """Dice and HD95 (mm) per label for one case; prediction/truth are integer volumes (X, Y, Z).
 
-    An empty prediction or truth for a label gives HD95 = nan (undefined); Dice is 0 if only
-    one of them is empty and 1 if both are.
+    Built on the engine's `segmentation_metrics` (MONAI), with empty masks made explicit: HD95 is
+    nan (undefined) when the prediction or the truth of a label is empty; Dice is 0 when only
+    one of them is empty and 1 when both are.
     """
-    from monai.metrics import compute_dice, compute_hausdorff_distance
+    from pipelines.metrics import segmentation_metrics
 
+    n_classes = max(max(labels), int(prediction.max()), int(truth.max())) + 1
+    scores = segmentation_metrics(np.asarray(prediction)[None], np.asarray(truth)[None], n_classes, tuple(spacing_mm))
     out: dict[str, float] = {}
     for value, name in labels.items():
-        p = (prediction == value)[None, None]
-        t = (truth == value)[None, None]
-        p2 = torch.cat([~p, p], 1).float()
-        t2 = torch.cat([~t, t], 1).float()
-        if not t.any() and not p.any():
-            dice = 1.0
-        else:
-            dice = float(compute_dice(p2, t2, include_background=False, ignore_empty=False)[0, 0])
-        if p.any() and t.any():
-            hd95 = float(compute_hausdorff_distance(p2, t2, percentile=95, spacing=list(spacing_mm))[0, 0])
-        else:
-            hd95 = float("nan")
+        in_pred, in_truth = bool((prediction == value).any()), bool((truth == value).any())
+        dice = float(scores["dice"][0][value - 1])
+        if not in_truth:
+            dice = 0.0 if in_pred else 1.0
         out[f"dice_{name}"] = dice
-        out[f"hd95_{name}"] = hd95
+        out[f"hd95_{name}"] = float(scores["hd95"][0][value - 1]) if in_pred and in_truth else float("nan")
     return out
 
 
