@@ -230,6 +230,42 @@ def predict_volume(
     return out_path
 
 
+def predict_dicom_series(
+    model: nn.Module,
+    series: str | Path,
+    out_path: str | Path,
+    roi_size: Sequence[int],
+    labels: dict[int, str] = HIPPOCAMPUS_LABELS,
+    anatomy: str = "Hippocampus",
+) -> Path:
+    """Segment a DICOM series and write the labels as a DICOM SEG over it (medai.results.dicom_seg)."""
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd
+
+    from medai.io.dicom import load_series
+    from medai.results.dicom_seg import SegmentSpec, write_segmentation
+
+    volume = load_series(series)
+    if volume.array.ndim != 3:
+        raise InvalidVolumeError(series, f"expected one 3D grey-level volume, got array shape {volume.array.shape}")
+    if volume.geometry != "patient" or volume.affine_ras is None:
+        raise InvalidVolumeError(series, "no patient geometry (orientation/position); a SEG could not be placed")
+    image = MetaTensor(torch.as_tensor(volume.array, dtype=torch.float32)[None], affine=torch.as_tensor(volume.affine_ras))
+    transform = segmentation_transforms("infer", roi_size, with_label=False, from_arrays=True)
+    item = transform({"image": image})
+    model.eval()
+    logits = sliding_window_logits(model, item["image"][None].float(), roi_size)
+    item["pred"] = logits[0].argmax(0, keepdim=True).float()
+    item["pred"].applied_operations = item["image"].applied_operations
+    item["pred"].affine = item["image"].affine
+    restored = Invertd("pred", transform, orig_keys="image", nearest_interp=True)(item)["pred"]
+    label_map = np.asarray(restored[0]).round().astype(np.uint8)
+    specs = [SegmentSpec(label=value, name=f"{name} {anatomy.lower()}", property_type=anatomy)
+             for value, name in labels.items()]
+    return write_segmentation(label_map, volume, specs, out_path, algorithm_name=type(model).__name__,
+                              keep_empty_frames=True)
+
+
 def save_overlay_montage(
     image: np.ndarray, prediction: np.ndarray, path: str | Path, truth: np.ndarray | None = None, n_slices: int = 6
 ) -> Path:
@@ -388,7 +424,7 @@ def format_summary(result: dict[str, Any]) -> str:
 
 __all__ = [
     "HIPPOCAMPUS_LABELS", "NNUNET_TASK04_DICE", "SegTrainConfig", "case_records",
-    "evaluate_segmentation", "format_summary", "label_metrics", "list_cases", "make_split", "predict_volume",
+    "evaluate_segmentation", "format_summary", "label_metrics", "list_cases", "make_split", "predict_dicom_series", "predict_volume",
     "read_split", "save_overlay_montage", "sliding_window_logits", "summarize_cases", "train_segmentation",
     "write_split",
 ]

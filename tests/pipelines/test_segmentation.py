@@ -123,3 +123,17 @@ def test_engine_trains_the_segmentation_task(msd_hippocampus_path, tmp_path):
     record = result.history[-1]
     assert 0.0 <= record["val_dice_anterior"] <= 1.0 and "val_hd95_posterior" in record
     assert (result.run_dir / "checkpoints" / "best" / "model.safetensors").is_file()
+
+
+def test_dicom_series_prediction_is_written_as_dicom_seg(dicom_dcmqi_path, tmp_path):
+    from medai.io.dicom import load_series
+    from medai.results.dicom_seg import read_segmentation
+    from pipelines.segmentation import predict_dicom_series
+
+    torch.manual_seed(0)
+    series = dicom_dcmqi_path / "segmentations" / "ct-3slice"
+    model = create_model("dynunet_3d", features=(4, 8, 8))
+    path = predict_dicom_series(model, series, tmp_path / "seg.dcm", (64, 64, 4))
+    seg = read_segmentation(path)
+    assert [s.label for s in seg.segments] == ["anterior hippocampus", "posterior hippocampus"]
+    assert seg.referenced_series_uid == load_series(series).metadata["SeriesInstanceUID"]
