@@ -40,6 +40,9 @@ def main() -> None:
     args = parser.parse_args()
     results = {m: json.loads((args.runs / f"hippocampus_{m}" / "eval.json").read_text())
                for m in MODELS if (args.runs / f"hippocampus_{m}" / "eval.json").is_file()}
+    if not results:
+        print(f"no runs under {args.runs}: train them first (medai seg train configs/seg/hippocampus_<model>.yaml)")
+        return
     header = ("| model | val cases | steps | train min | params | Dice anterior [95% CI] | HD95 anterior mm | "
               "Dice posterior [95% CI] | HD95 posterior mm |\n|---|---|---|---|---|---|---|---|---|")
     print("All validation cases each model was scored on:\n" + header)
