@@ -187,13 +187,13 @@ def umamba_enc_3d(**overrides) -> UMamba:
     return _build("enc", 3, overrides)
 
 
-@register_model(family="umamba")
+@register_model(family="umamba", card="data_cards/checkpoints/umamba_hippocampus.md")
 def umamba_bot_2d(**overrides) -> UMamba:
     """U-Mamba-Bot 2D (slices); overrides are UMambaConfig fields."""
     return _build("bot", 2, overrides)
 
 
-@register_model(family="umamba")
+@register_model(family="umamba", card="data_cards/checkpoints/umamba_hippocampus.md")
 def umamba_enc_2d(**overrides) -> UMamba:
     """U-Mamba-Enc 2D (slices); overrides are UMambaConfig fields."""
     return _build("enc", 2, overrides)

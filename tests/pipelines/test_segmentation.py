@@ -133,7 +133,7 @@ def test_dicom_series_prediction_is_written_as_dicom_seg(dicom_dcmqi_path, tmp_p
     torch.manual_seed(0)
     series = dicom_dcmqi_path / "segmentations" / "ct-3slice"
     model = create_model("dynunet_3d", features=(4, 8, 8))
-    path = predict_dicom_series(model, series, tmp_path / "seg.dcm", (64, 64, 4))
+    path = predict_dicom_series(model, series, tmp_path / "seg.dcm", (256, 256, 4))  # 512x512x3 CT: few windows
     seg = read_segmentation(path)
     assert [s.label for s in seg.segments] == ["anterior hippocampus", "posterior hippocampus"]
     assert seg.referenced_series_uid == load_series(series).metadata["SeriesInstanceUID"]
