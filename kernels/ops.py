@@ -23,14 +23,14 @@ register_op(
 
 
 def selective_scan(
-    u: "torch.Tensor",
-    delta: "torch.Tensor",
-    A: "torch.Tensor",
-    B: "torch.Tensor",
-    C: "torch.Tensor",
-    D: "torch.Tensor | None" = None,
-    z: "torch.Tensor | None" = None,
-    delta_bias: "torch.Tensor | None" = None,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
 ):

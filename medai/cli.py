@@ -22,6 +22,11 @@ app.add_typer(pacs_app, name="pacs")
 from medai.cli_slides import slides_app  # noqa: E402  (the `medai slides ...` group)
 
 app.add_typer(slides_app, name="slides")
+
+
+from medai.cli_seg import seg_app  # noqa: E402
+
+app.add_typer(seg_app, name="seg")
 console = Console()
 
 
