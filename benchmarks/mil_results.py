@@ -1,6 +1,6 @@
 """Produce benchmarks/mil_results.md: MIL models cross-validated on the shared real bag sets.
 
-    nice -n 10 python benchmarks/mil_results.py [--sets sicapv2 musk1 ...] [--seeds 5] [--out runs/mil_benchmark]
+    PYTHONPATH=. nice -n 10 python benchmarks/mil_results.py [--sets sicapv2 musk1 ...] [--seeds 5] [--out runs/mil_benchmark]
 
 Each set runs through `pipelines.mil_benchmark.run_mil_benchmark` (every fold is a `medai finetune`
 run of task `mil`); finished folds are reused, so re-running continues an interrupted benchmark.
