@@ -90,7 +90,8 @@ def main() -> None:
         sections.append(results_markdown(results))
         if name in PUBLISHED:
             att, gated = PUBLISHED[name]
-            sections.append(f"Published (Ilse et al. 2018, Table 1, accuracy): attention {att:.3f}, "
+            sections.append(f"Published (Ilse et al. 2018, Table 1, accuracy; values as listed in the shared data "
+                            f"README, not re-checked against the paper here): attention {att:.3f}, "
                             f"gated attention {gated:.3f}.\n")
         if name == "sicapv2":
             sections.append(sicapv2_attention_by_grade(args.out / name / "runs", list(args.models), 0, folds,
