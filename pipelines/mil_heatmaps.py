@@ -136,3 +136,13 @@ def export_attention(model_name: str, weights: str | Path, bags_path: str | Path
         if bag.coords is not None:
             written.append(attention_grid_png(maps, out / f"{bag.bag_id}.png", title=f"{model_name}: {bag.bag_id}"))
     return written
+
+
+def attention_by_instance_label(scores: np.ndarray, instance_labels: np.ndarray) -> dict[int, dict[str, float]]:
+    """For one bag: {instance label: share of patches, share of attention (slide-level scores)}."""
+    scores = np.asarray(scores, dtype=np.float64)
+    out = {}
+    for label in np.unique(instance_labels):
+        sel = instance_labels == label
+        out[int(label)] = {"patch_share": float(sel.mean()), "attention_share": float(scores[sel].sum() / scores.sum())}
+    return out

@@ -89,3 +89,19 @@ def test_benchmark_runner_writes_a_table(mil_classic_path, tmp_path):
     results = run_mil_benchmark(mil_classic_path / "musk1" / "musk1.mat", settings, tmp_path)
     assert 0.0 <= results["models"]["abmil"]["per_seed"][0]["accuracy"]["value"] <= 1.0
     assert "| abmil | 0 |" in (tmp_path / "results.md").read_text()
+
+
+def test_fast_binary_metrics_equal_scikit_learn():
+    from pipelines.metrics import classification_metrics
+    from pipelines.mil_benchmark import HEADLINE, headline_metrics
+
+    rng = np.random.default_rng(0)
+    for n in (5, 30, 200):
+        target = rng.integers(0, 2, n)
+        prob = rng.dirichlet([1, 1], n)
+        prob[: n // 4, 1] = prob[n // 4 : 2 * (n // 4), 1]  # ties in the scores
+        prob[:, 0] = 1 - prob[:, 1]
+        fast = headline_metrics({"prob": prob, "target": target}, "binary")
+        slow = classification_metrics(target, prob, "binary")
+        for name in HEADLINE:
+            assert fast[name] == pytest.approx(slow[name], abs=1e-12), name
