@@ -835,12 +835,33 @@ def _scan_table(root: Path, name: str, required: tuple[str, ...]) -> pl.LazyFram
     return lf
 
 
+def _second_sunday_march_and_first_sunday_november(year: pl.Expr) -> tuple[pl.Expr, pl.Expr]:
+    mar1 = pl.date(year, 3, 1).cast(pl.Datetime("us"))
+    nov1 = pl.date(year, 11, 1).cast(pl.Datetime("us"))
+    # polars weekday: Monday=1 .. Sunday=7; days to the next Sunday (0 when already Sunday)
+    to_sunday = lambda d: (7 - d.dt.weekday()) % 7  # noqa: E731
+    march = mar1 + pl.duration(days=to_sunday(mar1) + 7, hours=2)
+    november = nov1 + pl.duration(days=to_sunday(nov1), hours=2)
+    return march, november
+
+
 def _local_time(col: str) -> pl.Expr:
-    """MIMIC wall-clock text -> UTC, read as America/New_York (DST gaps moved forward an hour)."""
+    """MIMIC wall-clock text -> UTC, read as US Eastern time.
+
+    The time-zone database behind polars stops applying daylight saving in the far future, but
+    MIMIC's shifted dates lie in 2100-2200 and the MIMIC FHIR export writes them with -04:00 in
+    summer. So from 2007 on the US rule (second Sunday of March to first Sunday of November,
+    02:00 local; ambiguous hours read as daylight time) is applied directly; earlier dates use
+    the America/New_York database entry.
+    """
     naive = pl.col(col).str.to_datetime(strict=False, time_unit="us")
-    local = naive.dt.replace_time_zone(MIMIC_TIMEZONE, ambiguous="earliest", non_existent="null")
-    shifted = (naive + pl.duration(hours=1)).dt.replace_time_zone(MIMIC_TIMEZONE, ambiguous="earliest", non_existent="null")
-    return pl.when(naive.is_null()).then(None).otherwise(pl.coalesce(local, shifted)).dt.convert_time_zone(UTC)
+    march, november = _second_sunday_march_and_first_sunday_november(naive.dt.year())
+    summer = (naive >= march) & (naive < november)
+    rule = (naive + pl.when(summer).then(pl.duration(hours=4)).otherwise(pl.duration(hours=5))).dt.replace_time_zone(UTC)
+    database = naive.dt.replace_time_zone(MIMIC_TIMEZONE, ambiguous="earliest", non_existent="null")
+    database_gap = (naive + pl.duration(hours=1)).dt.replace_time_zone(MIMIC_TIMEZONE, ambiguous="earliest", non_existent="null")
+    old = pl.coalesce(database, database_gap).dt.convert_time_zone(UTC)
+    return pl.when(naive.is_null()).then(None).when(naive.dt.year() >= 2007).then(rule).otherwise(old)
 
 
 def ingest_mimic(root: str | Path, *, labs: bool = True, prescriptions: bool = True) -> EHRTables:
@@ -861,8 +882,8 @@ def ingest_mimic(root: str | Path, *, labs: bool = True, prescriptions: bool = T
     patients = scan["patients"].select(
         pl.col("subject_id").alias("patient_id"),
         pl.col("subject_id").alias("identifier"),
-        pl.datetime(pl.col("anchor_year").cast(pl.Int32) - pl.col("anchor_age").cast(pl.Int32), 1, 1,
-                    time_zone=MIMIC_TIMEZONE).dt.convert_time_zone(UTC).alias("birth_time"),
+        (pl.datetime(pl.col("anchor_year").cast(pl.Int32) - pl.col("anchor_age").cast(pl.Int32), 1, 1)
+         + pl.duration(hours=5)).dt.replace_time_zone(UTC).alias("birth_time"),  # 1 Jan, 00:00 EST
         pl.col("gender").replace_strict({"F": "female", "M": "male"}, default="unknown").alias("sex"),
         _local_time("dod").alias("death_time"),
         pl.lit(True).alias("dates_shifted"),
@@ -1153,3 +1174,17 @@ def ingest(paths: Iterable[str | Path], *, not_after: datetime | None = None, pr
         part = ingest_fhir(fhir_paths, not_after=not_after, progress=progress)
         result = part if result is None else result.concat(part)
     return result if result is not None else EHRTables()
+
+
+def validate_fhir_file(path: str | Path) -> list[str]:
+    """Validate every resource in one FHIR file; return the problems found (empty when valid)."""
+    problems = []
+    for item in iter_fhir_file(path):
+        if item.resource is None:
+            problems.append(f"{item.location}: {item.error}")
+            continue
+        try:
+            validate_fhir_resource(item.resource)
+        except FhirValidationError as exc:
+            problems.append(f"{item.location}: {exc}")
+    return problems
