@@ -19,6 +19,7 @@ and loads as a Hugging Face fast tokenizer (`tokenizer.json` + `ehr_tokenizer.js
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -75,7 +76,7 @@ def interval_token(gap: timedelta) -> str:
 
 
 def _days(t: datetime) -> float:
-    return (t - EPOCH).total_seconds() / SECONDS_PER_DAY
+    return t.timestamp() / SECONDS_PER_DAY
 
 
 @dataclass
@@ -170,8 +171,10 @@ class EHRTokenizer:
                 if ev.numeric_value is not None and math.isfinite(ev.numeric_value):
                     values.setdefault(c, []).append(ev.numeric_value)
         for c, vals in values.items():
-            qs = np.quantile(np.asarray(vals), np.linspace(0, 1, self.n_bins + 1)[1:-1])
-            self.bin_edges[c] = sorted(set(float(q) for q in qs))
+            arr = np.asarray(vals)
+            qs = np.quantile(arr, np.linspace(0, 1, self.n_bins + 1)[1:-1])
+            # Edges above the minimum only, so repeated values (or a single one) fall into Q0 first.
+            self.bin_edges[c] = sorted(set(float(q) for q in qs if q > arr.min()))
         for tl in timelines:
             for ev in tl.events:
                 counts[self.event_token(ev)] += 1
@@ -187,7 +190,7 @@ class EHRTokenizer:
         edges = self.bin_edges.get(c)
         if ev.numeric_value is None or edges is None or not math.isfinite(ev.numeric_value):
             return c
-        return f"{c}_Q{int(np.searchsorted(edges, ev.numeric_value, side='right'))}"
+        return f"{c}_Q{bisect.bisect_right(edges, ev.numeric_value)}"
 
     # ---- tokenizing ---------------------------------------------------------------------
     def tokenize(
@@ -201,9 +204,10 @@ class EHRTokenizer:
         first_time = next((v.start for v, _ in visits if v.start is not None), None)
         head_time = first_time or cutoff or EPOCH
 
+        birth_days = _days(timeline.birth_time) if timeline.birth_time is not None else None
+
         def age(t: datetime) -> float:
-            a = timeline.age_years(t)
-            return float(a) if a is not None else 0.0
+            return (_days(t) - birth_days) / 365.25 if birth_days is not None else 0.0
 
         head = TASK_TOKENS[task] if task else CLS
         out.append(head, TOKEN_TYPES["task" if task else "cls"], age(head_time), _days(head_time), 0, 0)
