@@ -425,3 +425,28 @@ def split_patients(patient_ids: Iterable[str], fractions: tuple[float, float, fl
     for rank, i in enumerate(order):
         out[ids[i]] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
     return out
+
+
+def pad_batch(items: list[dict], pad_id: int = 0, max_length: int | None = None) -> dict:
+    """Right-pad encoded sequences (numpy arrays per key) into a batch of torch tensors with attention_mask."""
+    import torch
+
+    keys = ("input_ids", "type_ids", "time_stamps", "ages", "visit_orders", "visit_segments")
+    length = max(len(it["input_ids"]) for it in items)
+    if max_length is not None:
+        length = min(length, max_length)
+    out = {}
+    for key in keys:
+        dtype = torch.float32 if key in ("time_stamps", "ages") else torch.long
+        t = torch.zeros(len(items), length, dtype=dtype)
+        if key == "input_ids" and pad_id:
+            t.fill_(pad_id)
+        for i, it in enumerate(items):
+            v = torch.as_tensor(it[key][:length])
+            t[i, : len(v)] = v.to(dtype)
+        out[key] = t
+    mask = torch.zeros(len(items), length, dtype=torch.long)
+    for i, it in enumerate(items):
+        mask[i, : min(len(it["input_ids"]), length)] = 1
+    out["attention_mask"] = mask
+    return out
