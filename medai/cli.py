@@ -180,6 +180,20 @@ def ehr_summary(folder: Path = typer.Argument(..., help="A folder written by `me
     _print_ehr_summary(EHRTables.read(folder).summary(), folder)
 
 
+@ehr_app.command("experiment")
+def ehr_experiment(
+    config: Path = typer.Argument(..., help="An EHR experiment YAML (configs/ehr_mimic_demo.yaml)."),
+    override: list[str] = typer.Option([], "--override", "-o", help="key.sub=value (YAML value)."),
+) -> None:
+    """Pretrain + multitask fine-tune EHRMamba and the Transformer baseline, fit the bag-of-codes baselines; print the table."""
+    from pipelines.ehr import load_experiment_config, run_ehr_experiment
+
+    cfg = load_experiment_config(config, override)
+    run_ehr_experiment(cfg)
+    console.print((cfg.output_dir / "report.md").read_text())
+    console.print(f"report: {cfg.output_dir / 'report.json'}; explanation: {cfg.output_dir / 'explanation.md'}")
+
+
 def _print_ehr_summary(summary: dict, where: Path) -> None:
     console.print(f"{where}: {summary['patients']} patients, {summary['visits']} visits, {summary['events']} events, "
                   f"{summary['refused']} refused")
