@@ -186,9 +186,8 @@ def pretraining_windows(prepared: PreparedEHR, split: str) -> list[dict[str, Any
         if prepared.splits[pid] != split:
             continue
         enc = prepared.tokenizer.encode(prepared.tokenizer.tokenize(tl))
-        body = len(enc["input_ids"]) - 1
-        starts = range(1, max(body - (length - 1), 0) + 2, stride) if body > 0 else []
-        for s in starts:
+        body = len(enc["input_ids"]) - 1  # tokens after [CLS], at positions 1..body
+        for s in range(1, body + 1, stride):
             keep = np.concatenate([[0], np.arange(s, min(s + length - 1, body + 1))])
             out.append({k: v[keep] for k, v in enc.items()})
     return out
