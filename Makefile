@@ -45,7 +45,7 @@ test-all: setup system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
-	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -7,6 +7,81 @@ these functions, never a kernel module directly.
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from kernels.dispatch import OPS, dispatch, register_op, select_backend
 
-__all__ = ["OPS", "dispatch", "register_op", "select_backend"]
+__all__ = ["OPS", "dispatch", "register_op", "select_backend", "selective_scan", "neighborhood_attention_2d",
+           "gated_attention_pool"]
+
+
+register_op("selective_scan", reference="kernels.selective_scan_ref:selective_scan_chunked", triton=None)
+
+
+def selective_scan(
+    u: "torch.Tensor",
+    delta: "torch.Tensor",
+    A: "torch.Tensor",
+    B: "torch.Tensor",
+    C: "torch.Tensor",
+    D: "torch.Tensor | None" = None,
+    z: "torch.Tensor | None" = None,
+    delta_bias: "torch.Tensor | None" = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+):
+    """Mamba's selective scan (mamba-ssm `selective_scan_fn` signature); returns (batch, dim, L) [, state].
+
+    u, delta, z: (batch, dim, L); A: (dim, N); B, C: (batch, N, L) or grouped (batch, G, N, L);
+    D, delta_bias: (dim,). Accumulates in fp32, returns u's dtype. On CUDA with `mamba-ssm`
+    installed and MEDAI_KERNELS=auto, mamba-ssm's fused kernel runs; otherwise medai's kernel or
+    its chunked PyTorch reference (kernels/selective_scan_ref.py).
+    """
+    from kernels.dispatch import kernel_mode
+    from medai.utils import is_installed
+
+    if u.device.type == "cuda" and kernel_mode() == "auto" and is_installed("mamba_ssm"):
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return dispatch("selective_scan", u.device)(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+    )
+
+
+register_op(
+    "neighborhood_attention_2d",
+    reference="kernels.neighborhood_attention_ref:neighborhood_attention_2d",
+    triton=None,
+)
+
+
+def neighborhood_attention_2d(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kernel_size: int,
+    dilation: int = 1,
+    rpb: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Return 2D (dilated) neighborhood attention, (B, heads, H, W, head_dim), NATTEN semantics.
+
+    q, k, v: (B, heads, H, W, head_dim); rpb: (heads, 2k-1, 2k-1) relative position bias or None;
+    scale defaults to head_dim ** -0.5. Windows shift inward at borders; needs H, W >= k*dilation.
+    """
+    return dispatch("neighborhood_attention_2d", q.device)(q, k, v, kernel_size, dilation, rpb, scale)
+
+
+register_op("gated_attention_pool", reference="kernels.gated_attention_pool_ref:gated_attention_pool_ref")
+
+
+def gated_attention_pool(
+    h: Tensor, wv: Tensor, bv: Tensor, wu: Tensor, bu: Tensor, ww: Tensor, bw: Tensor, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Gated attention MIL pooling with K branches: (pooled (K, D), logits (K, N) unmasked).
+
+    h: (N, D) instances; wv, wu: (L, D), bv, bu: (L,) the tanh and sigmoid branches; ww: (K, L),
+    bw: (K,) the K attention heads; mask: bool (K, N) or (N,), False = excluded before softmax.
+    """
+    return dispatch("gated_attention_pool", h.device)(h, wv, bv, wu, bu, ww, bw, mask)

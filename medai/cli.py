@@ -42,16 +42,25 @@ def doctor() -> None:
 
 
 @app.command()
-def demo() -> None:
-    """Run the main job on the bundled defaults."""
-    from medai.doctor import run_doctor
+def demo(
+    output_dir: Path = typer.Option(Path("runs/demo"), help="Where the demo run is written."),
+    epochs: int = typer.Option(3, help="Epochs of the short demo fine-tune."),
+) -> None:
+    """Run the main job on the bundled defaults: preflight, a short BreastMNIST fine-tune, its evaluation."""
+    from medai.utils import repo_root
+    from pipelines.finetune import finetune as run_finetune
+    from pipelines.finetune import load_train_config
 
     doctor()
-    missing = run_doctor().missing
-    console.print(
-        "The end-to-end demo job is not built yet; the report above lists what this machine has"
-        + (f" and what is missing ({len(missing)} item(s))." if missing else " (nothing missing).")
-    )
+    config = repo_root() / "configs" / "breastmnist_resnet18.yaml"
+    cfg = load_train_config(config, [f"output_dir={output_dir}", f"trainer.epochs={epochs}", "model.name=resnet10t",
+                                     "run_name=breastmnist-resnet10t-demo", "trainer.n_boot=200"])
+    console.print(f"Fine-tuning {cfg.model.name} on {cfg.data.path} for {epochs} epochs (resumes if interrupted)...")
+    result = run_finetune(cfg)
+    if result.test_report:
+        for name, m in result.test_report["metrics"].items():
+            console.print(f"test {name}: {m['value']:.4f} (95% CI {m['low']:.4f}-{m['high']:.4f})")
+    console.print(f"Report, curves and checkpoints: {result.run_dir} (eval_test.md, curves.png, checkpoints/)")
 
 
 @app.command()
@@ -208,6 +217,24 @@ def _print_ehr_summary(summary: dict, where: Path) -> None:
     for name, n in summary["refused_by_reason"].items():
         table.add_row("refused", name, str(n))
     console.print(table)
+
+
+@models_app.command("convert-medvit")
+def models_convert_medvit(
+    source: Path = typer.Argument(..., help="A MedViTV2 checkpoint released by the authors (.pth)."),
+    destination: Path = typer.Argument(..., help="Where to write the safetensors file."),
+) -> None:
+    """Convert a public MedViTV2 checkpoint to safetensors (names mapped, loaded strictly)."""
+    from pipelines.convert_medvit import convert_medvit_checkpoint
+
+    result = convert_medvit_checkpoint(source, destination)
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in result["kwargs"].items())
+    console.print(f"wrote {result['path']}: create_model('{result['variant']}', pretrained='{result['path']}', {kwargs})")
+
+
+from medai.cli_mil import mil_app  # noqa: E402  (the `medai mil` group)
+
+app.add_typer(mil_app, name="mil")
 
 
 def main() -> None:

@@ -60,3 +60,15 @@ class OptionalDependencyError(MedaiError, ImportError):
     def __init__(self, package: str, feature: str, extra: str | None = None):
         hint = f"pip install 'medai[{extra}]'" if extra else f"pip install {package}"
         super().__init__(f"{feature} needs the optional package '{package}': {hint}")
+
+
+class InvalidVolumeError(MedaiError, ValueError):
+    """An image or label volume cannot be segmented as given (not 3D, bad spacing, empty, NaN)."""
+
+    def __init__(self, path: str | Path | None, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"{path or '<in-memory volume>'}: {reason}")
+
+
+class ModelInputError(MedaiError, ValueError):
+    """A tensor given to a model has the wrong shape, channel count, size or non-finite values."""

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.mamba import MambaConfig, MambaStack
 from models.registry import register_model
 
 
@@ -51,10 +52,8 @@ class EHRMambaConfig:
     ffn_mult: int = 4  # transformer baseline only
     task_logits: dict[str, list[int]] = field(default_factory=dict)  # task -> [start, stop) in the classifier output
 
-    def mamba_config(self):
-        """The backbone's `models.mamba.MambaConfig`."""
-        from models.mamba import MambaConfig
-
+    def mamba_config(self) -> MambaConfig:
+        """The backbone's MambaConfig."""
         return MambaConfig(d_model=self.d_model, d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
                            n_layers=self.n_layers)
 
@@ -159,12 +158,7 @@ class EHRMamba(nn.Module):
             raise ValueError(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}")
         self.config = cfg
         self.embeddings = EHREmbeddings(cfg)
-        if cfg.backbone == "mamba":
-            from models.mamba import MambaStack  # medai's one Mamba (issue 8)
-
-            self.backbone = MambaStack(cfg.mamba_config())
-        else:
-            self.backbone = CausalTransformer(cfg)
+        self.backbone = MambaStack(cfg.mamba_config()) if cfg.backbone == "mamba" else CausalTransformer(cfg)
         self.classifier = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.d_model, cfg.num_labels))
 
     def encode(self, batch: dict[str, torch.Tensor], concept_embeds: torch.Tensor | None = None) -> torch.Tensor:

@@ -549,6 +549,9 @@ class Trainer:
             signal.signal(s, self._handle_signal)
         tb = None
         if t.tensorboard and self.main:
+            from medai.utils import optional_import
+
+            optional_import("tensorboard", "trainer.tensorboard: true")
             from torch.utils.tensorboard import SummaryWriter
 
             tb = SummaryWriter(str(self.run_dir / "tensorboard"))

@@ -26,8 +26,6 @@ def _item(length: int, seed: int = 0, vocab: int = 200) -> dict[str, np.ndarray]
 
 
 def _build(name: str, **extra):
-    if name.startswith("ehrmamba"):
-        pytest.importorskip("models.mamba", reason="medai's Mamba core (issue 8) is not merged yet")
     kwargs = dict(TINY, **extra)
     if name == "ehr_transformer_small":
         kwargs["n_heads"] = 4
@@ -93,7 +91,6 @@ def test_mamba_runs_a_16k_token_sequence_on_cpu():
 
 
 def test_paper_configuration_is_the_published_size():
-    pytest.importorskip("models.mamba", reason="medai's Mamba core (issue 8) is not merged yet")
     with torch.device("meta"):  # shapes only: no 125M-parameter allocation in the fast tests
         model = create_model("ehrmamba", vocab_size=4600, num_labels=1)
     cfg = model.config

@@ -173,3 +173,15 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch():
     weighted = EpochSampler(1000, 100, 0, weights=np.r_[np.full(900, 1 / 900), np.full(100, 1 / 100)])
     draws = np.array([i for batch in weighted for i in batch])
     assert 0.4 < (draws >= 900).mean() < 0.6  # balanced classes despite a 9:1 ratio
+
+
+def test_seeds_report_mean_and_sd(tmp_path, breastmnist_path):
+    from pipelines.finetune import finetune_seeds
+
+    cfg = load_train_config(write_config(tmp_path, breastmnist_path, epochs=1, limit_train_batches=1, n_boot=20))
+    summary = finetune_seeds(cfg, 2)
+    assert summary["seeds"] == [7, 8]
+    auroc = summary["metrics"]["auroc"]
+    assert len(auroc["per_seed"]) == 2 and auroc["sd"] >= 0
+    assert auroc["mean"] == pytest.approx(np.mean(auroc["per_seed"]))
+    assert (tmp_path / "runs" / "classification-resnet10t" / "seeds_summary.json").is_file()

@@ -1,0 +1,57 @@
+"""`medai mil ...`: MIL benchmark, ACMIL checkpoint conversion, attention export (thin wrappers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+mil_app = typer.Typer(help="Slide-level multiple-instance learning.", no_args_is_help=True)
+console = Console()
+
+
+@mil_app.command("benchmark")
+def mil_benchmark(
+    path: Path = typer.Argument(..., help="Bags: a MIL-toolbox .mat, a bag CSV (bag_id,label,features...), or a SICAPv2 folder."),
+    models: str = typer.Option("abmil,acmil,acmil_aem,transmil", help="Comma-separated registered MIL models."),
+    folds: int = typer.Option(10, help="Cross-validation folds."),
+    seeds: int = typer.Option(1, help="Seeds (each also re-draws the folds; all models share them)."),
+    epochs: int = typer.Option(20, help="Epochs per fold."),
+    standardize: bool = typer.Option(True, help="Z-score features with training-fold statistics."),
+    out: Path = typer.Option(Path("runs/mil_benchmark"), help="Output folder (runs, results.json, results.md)."),
+) -> None:
+    """Cross-validate MIL models on a bag set through the shared engine; print the results table."""
+    from pipelines.mil_benchmark import BenchmarkSettings, run_mil_benchmark
+
+    settings = BenchmarkSettings(models=tuple(m.strip() for m in models.split(",") if m.strip()), folds=folds,
+                                 seeds=tuple(range(seeds)), epochs=epochs, standardize=standardize)
+    run_mil_benchmark(path, settings, out)
+    console.print((out / "results.md").read_text())
+
+
+@mil_app.command("convert-acmil")
+def mil_convert_acmil(
+    src: Path = typer.Argument(..., help="The ACMIL authors' checkpoint-best.pth."),
+    dest: Path = typer.Argument(..., help="Output .safetensors file."),
+) -> None:
+    """Convert an ACMIL authors' checkpoint (read without executing code) to medai safetensors."""
+    from pipelines.mil_checkpoints import convert_acmil_checkpoint
+
+    console.print(f"wrote {convert_acmil_checkpoint(src, dest)}")
+
+
+@mil_app.command("attention")
+def mil_attention(
+    model: str = typer.Argument(..., help="Registered MIL model name."),
+    weights: Path = typer.Argument(..., help="Its safetensors weights (e.g. a run's checkpoints/best/model.safetensors)."),
+    bags: Path = typer.Argument(..., help="Bags with coordinates: a CLAM .h5 file or a SICAPv2 folder."),
+    out: Path = typer.Option(Path("outputs/attention"), help="Folder for <bag>.npz and <bag>.png."),
+    kwargs: Optional[str] = typer.Option(None, help="Model overrides as YAML, e.g. '{in_features: 128}'."),
+) -> None:
+    """Export per-patch attention (npz for the slide renderer) and a grid preview PNG for each bag."""
+    from pipelines.mil_heatmaps import export_attention
+
+    for path in export_attention(model, weights, bags, out, kwargs):
+        console.print(str(path))

@@ -1,0 +1,545 @@
+"""Slide-level multiple-instance learning: ABMIL, ACMIL (+AEM) and TransMIL.
+
+A bag is one slide (or one classic MIL bag): instance features (N, D), N varying per bag,
+processed one bag at a time so no padding is ever computed. Every model returns a dict with
+`logits` (1, C) for the bag and `attention` (K, N) raw per-instance scores (masked ones at
+-inf during training), and offers `attention_scores(features) -> (K, N)` probabilities for
+heatmaps.
+
+- ABMIL (Ilse et al. 2018): Linear+ReLU instance projection, gated attention
+  a = softmax(w^T (tanh(V h) * sigmoid(U h))), z = sum_i a_i h_i, linear classifier.
+- ACMIL (Zhang et al. 2023, "Attention-Challenging MIL"), following the authors' `ACMIL_GA`:
+  K attention branches (multiple branch attention), one classifier per branch plus a slide
+  classifier on the branch-averaged attention, Stochastic Top-K Instance Masking (STKIM) in
+  training and a diversity loss (mean pairwise cosine similarity of the branch attentions).
+- AEM (Zhang et al. 2024, attention entropy maximisation): `lambda * sum softmax(a) log_softmax(a)`
+  added to the loss (negative entropy, so minimising it spreads attention), for any model here.
+- TransMIL (Shao et al. 2021): Nystrom self-attention layers with a pyramid position encoding
+  generator (PPEG) over the bag laid out as a square; the bag is read from its class token.
+
+The gated pool goes through `kernels.ops.gated_attention_pool` (chunked online softmax for big
+bags, a fused Triton kernel on CUDA once issue 11 lands).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.ops import gated_attention_pool
+from models.registry import register_model
+
+
+# --------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------
+@dataclass
+class AttentionMILConfig:
+    """Gated-attention MIL (ABMIL / ACMIL / multi-head); defaults reproduce ACMIL's paper setting."""
+
+    in_features: int = 1024
+    num_classes: int = 2
+    hidden_features: int = 512  # instance projection width (the authors' D_inner)
+    attention_features: int = 128  # gated attention width (L; the authors' D)
+    num_branches: int = 5  # K attention branches
+    n_masked_patch: int = 10  # STKIM: top instances per branch eligible for masking
+    mask_drop: float = 0.6  # STKIM: fraction of those masked each training step
+    # "branches": ACMIL (a classifier per branch + slide classifier on the averaged attention);
+    # "concat": multi-head ABMIL (the K pooled vectors concatenated, one classifier).
+    head_mode: Literal["branches", "concat"] = "branches"
+    dropout: float = 0.0
+    diversity_weight: float = 1.0  # weight of the branch diversity loss (ACMIL uses 1)
+    aem_lambda: float = 0.0  # AEM attention-entropy weight; 0 turns AEM off
+    aem_schedule: Literal["constant", "cosine"] = "constant"
+
+    def __post_init__(self) -> None:
+        if self.num_branches < 1:
+            raise ValueError(f"num_branches must be >= 1, got {self.num_branches}")
+        if not 0.0 <= self.mask_drop <= 1.0:
+            raise ValueError(f"mask_drop must be in [0, 1], got {self.mask_drop}")
+        if self.n_masked_patch < 0:
+            raise ValueError(f"n_masked_patch must be >= 0, got {self.n_masked_patch}")
+
+
+@dataclass
+class TransMILConfig:
+    """TransMIL (Shao et al. 2021) with the paper's defaults (512-d, 8 heads, 256 landmarks)."""
+
+    in_features: int = 1024
+    num_classes: int = 2
+    dim: int = 512
+    heads: int = 8
+    landmarks: int = 256
+    pinv_iterations: int = 6
+    residual_kernel: int = 33
+    dropout: float = 0.1
+
+
+# --------------------------------------------------------------------------------------
+# Losses and STKIM (pure tensor functions, tested on their own)
+# --------------------------------------------------------------------------------------
+def stochastic_topk_mask(
+    logits: torch.Tensor, n_masked_patch: int, mask_drop: float, generator: torch.Generator | None = None
+) -> torch.Tensor | None:
+    """Return a bool keep-mask (K, N) hiding a random `mask_drop` share of each branch's top instances.
+
+    As in ACMIL: per branch take the top-min(n_masked_patch, N) instances by score and mask
+    int(that * mask_drop) of them at random; at least one instance always stays visible.
+    Returns None when nothing would be masked.
+    """
+    k, n = logits.shape
+    top = min(n_masked_patch, n)
+    n_drop = min(int(top * mask_drop), n - 1)
+    if n_drop <= 0:
+        return None
+    _, top_indices = torch.topk(logits.detach(), top, dim=1)
+    noise = torch.rand((k, top), generator=generator, device=logits.device if generator is None else "cpu")
+    chosen = torch.argsort(noise.to(logits.device), dim=1)[:, :n_drop]
+    dropped = torch.gather(top_indices, 1, chosen)
+    keep = torch.ones((k, n), dtype=torch.bool, device=logits.device)
+    keep.scatter_(1, dropped, False)
+    return keep
+
+
+def masked_softmax(attention: torch.Tensor) -> torch.Tensor:
+    """Softmax over instances of attention logits (K, N); -inf entries get weight 0."""
+    return torch.softmax(attention.float(), dim=-1)
+
+
+def attention_entropy_term(attention: torch.Tensor) -> torch.Tensor:
+    """AEM term: sum_i p_i log p_i over instances, averaged over branches (negative entropy; 0 for masked)."""
+    log_p = torch.log_softmax(attention.float(), dim=-1)
+    p = log_p.exp()
+    # Zero the -inf logs *before* multiplying: a where() after p * log_p would pass 0 * -inf = nan
+    # into the gradient of masked instances.
+    safe_log_p = torch.where(p > 0, log_p, torch.zeros_like(log_p))
+    return (p * safe_log_p).sum() / attention.shape[0]
+
+
+def branch_diversity_loss(attention: torch.Tensor) -> torch.Tensor:
+    """ACMIL diversity loss: mean pairwise cosine similarity of branch attention distributions."""
+    k = attention.shape[0]
+    if k < 2:
+        return attention.new_zeros(())
+    p = F.normalize(masked_softmax(attention), dim=-1)
+    similarity = p @ p.transpose(0, 1)
+    pairs = torch.triu_indices(k, k, offset=1, device=attention.device)
+    return similarity[pairs[0], pairs[1]].mean()
+
+
+def aem_weight(aem_lambda: float, schedule: str, progress: float) -> float:
+    """AEM weight at training progress in [0, 1]: constant, or cosine-annealed from lambda to 0."""
+    if schedule == "constant":
+        return aem_lambda
+    if schedule == "cosine":
+        progress = min(max(progress, 0.0), 1.0)
+        return aem_lambda * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown AEM schedule {schedule!r} (constant, cosine)")
+
+
+def mil_loss(
+    model: nn.Module, output: dict[str, torch.Tensor], label: torch.Tensor, progress: float = 0.0
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total training loss of a MIL model for one bag and its parts (slide CE, branch CE, diversity, AEM)."""
+    label = label.reshape(1).long()
+    cfg = model.config
+    loss = F.cross_entropy(output["logits"], label)
+    logs = {"slide_loss": float(loss.detach())}
+    if "branch_logits" in output and output["branch_logits"].shape[0] > 1:
+        k = output["branch_logits"].shape[0]
+        branch = F.cross_entropy(output["branch_logits"], label.repeat(k))
+        diversity = branch_diversity_loss(output["attention"])
+        loss = loss + branch + cfg.diversity_weight * diversity
+        logs.update(branch_loss=float(branch.detach()), diversity_loss=float(diversity.detach()))
+    weight = aem_weight(getattr(cfg, "aem_lambda", 0.0), getattr(cfg, "aem_schedule", "constant"), progress)
+    if weight > 0 and "attention" in output:
+        entropy = attention_entropy_term(output["attention"])
+        loss = loss + weight * entropy
+        logs.update(aem_term=float(entropy.detach()), aem_lambda=weight)
+    return loss, logs
+
+
+def _as_bag(features: torch.Tensor) -> torch.Tensor:
+    """Accept (N, D) or a batch of one bag (1, N, D); return (N, D)."""
+    if features.dim() == 3:
+        if features.shape[0] != 1:
+            raise ValueError(f"MIL models take one bag at a time; got a batch of {features.shape[0]}")
+        features = features[0]
+    if features.dim() != 2 or features.shape[0] == 0:
+        raise ValueError(f"expected bag features (N, D) with N >= 1, got shape {tuple(features.shape)}")
+    return features
+
+
+# --------------------------------------------------------------------------------------
+# Gated attention MIL: ABMIL, ACMIL, multi-head
+# --------------------------------------------------------------------------------------
+class GatedAttention(nn.Module):
+    """K-branch gated attention scorer whose parameters feed `gated_attention_pool`."""
+
+    def __init__(self, in_features: int, attention_features: int, num_branches: int):
+        super().__init__()
+        self.tanh_branch = nn.Linear(in_features, attention_features)  # V
+        self.sigmoid_branch = nn.Linear(in_features, attention_features)  # U
+        self.heads = nn.Linear(attention_features, num_branches)  # w, one row per branch
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (pooled (K, D), raw logits (K, N))."""
+        return gated_attention_pool(
+            h,
+            self.tanh_branch.weight,
+            self.tanh_branch.bias,
+            self.sigmoid_branch.weight,
+            self.sigmoid_branch.bias,
+            self.heads.weight,
+            self.heads.bias,
+            mask,
+        )
+
+
+class AttentionMIL(nn.Module):
+    """Gated-attention MIL with K branches (ABMIL at K=1 without masking; ACMIL with STKIM)."""
+
+    def __init__(self, config: AttentionMILConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.projection = nn.Linear(c.in_features, c.hidden_features, bias=False)
+        self.attention = GatedAttention(c.hidden_features, c.attention_features, c.num_branches)
+        self.dropout = nn.Dropout(c.dropout)
+        if c.head_mode == "branches":
+            self.branch_classifiers = nn.ModuleList(
+                [nn.Linear(c.hidden_features, c.num_classes) for _ in range(c.num_branches)]
+            )
+            self.slide_classifier = nn.Linear(c.hidden_features, c.num_classes)
+        else:
+            self.classifier = nn.Linear(c.hidden_features * c.num_branches, c.num_classes)
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """Project instance features (N, in_features) to (N, hidden_features)."""
+        return F.relu(self.projection(_as_bag(features)))
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return logits (1, C), branch_logits (K, C) in branch mode, attention (K, N) with STKIM masks at -inf."""
+        h = self.embed(features)
+        c = self.config
+        mask = None
+        if self.training and c.n_masked_patch > 0 and c.mask_drop > 0:
+            with torch.no_grad():
+                _, raw = self.attention(h)
+            mask = stochastic_topk_mask(raw, c.n_masked_patch, c.mask_drop)
+        pooled, logits = self.attention(h, mask)
+        attention = logits if mask is None else logits.masked_fill(~mask, float("-inf"))
+        pooled = self.dropout(pooled)
+        if c.head_mode == "branches":
+            branch_logits = torch.stack([head(pooled[i]) for i, head in enumerate(self.branch_classifiers)])
+            # softmax(A).mean(0) @ h == mean over branches of the pooled vectors.
+            slide = self.slide_classifier(pooled.mean(dim=0, keepdim=True))
+            return {"logits": slide, "branch_logits": branch_logits, "attention": attention}
+        return {"logits": self.classifier(pooled.reshape(1, -1)), "attention": attention}
+
+    @torch.no_grad()
+    def attention_scores(self, features: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+        """Per-branch attention probabilities (K, N), no masking, for heatmaps.
+
+        Runs `chunk` instances at a time, so memory is the features plus O(K N) scores, never
+        the (N, hidden) projection of a whole slide.
+        """
+        features = _as_bag(features)
+        logits = [self.attention(self.embed(features[s : s + chunk]))[1] for s in range(0, features.shape[0], chunk)]
+        return masked_softmax(torch.cat(logits, dim=1))
+
+
+# --------------------------------------------------------------------------------------
+# TransMIL
+# --------------------------------------------------------------------------------------
+def _moore_penrose_pinv(x: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Iterative Moore-Penrose pseudo-inverse (Razavi et al.), as in the Nystromformer paper."""
+    abs_x = x.abs()
+    col = abs_x.sum(dim=-1)
+    row = abs_x.sum(dim=-2)
+    z = x.transpose(-1, -2) / (col.max() * row.max())
+    eye = torch.eye(x.shape[-1], device=x.device, dtype=x.dtype)
+    for _ in range(iterations):
+        xz = x @ z
+        z = 0.25 * z @ (13 * eye - xz @ (15 * eye - xz @ (7 * eye - xz)))
+    return z
+
+
+class NystromAttention(nn.Module):
+    """Nystrom-approximated multi-head self-attention (Xiong et al. 2021), O(N m) for m landmarks."""
+
+    def __init__(self, dim: int, heads: int, landmarks: int, pinv_iterations: int, residual_kernel: int, dropout: float):
+        super().__init__()
+        self.heads, self.landmarks, self.pinv_iterations = heads, landmarks, pinv_iterations
+        self.head_dim = dim // heads
+        self.scale = self.head_dim**-0.5
+        self.to_qkv = nn.Linear(dim, 3 * heads * self.head_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(heads * self.head_dim, dim), nn.Dropout(dropout))
+        # Depthwise conv over the sequence on the values (the Nystromformer residual).
+        self.residual = nn.Conv2d(
+            heads, heads, (residual_kernel, 1), padding=(residual_kernel // 2, 0), groups=heads, bias=False
+        )
+
+    def _parts(self, x: torch.Tensor):
+        """Left-pad to a multiple of the landmarks; return q, k, v (B, H, n, d), the pad and attention factors."""
+        b, n, _ = x.shape
+        m = self.landmarks
+        pad = (m - n % m) % m
+        if pad:
+            x = F.pad(x, (0, 0, pad, 0))
+        q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, -1, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q = q * self.scale
+        group = q.shape[2] // m
+        q_land = q.reshape(b, self.heads, m, group, self.head_dim).mean(dim=3)
+        k_land = k.reshape(b, self.heads, m, group, self.head_dim).mean(dim=3)
+        attn1 = torch.softmax(q @ k_land.transpose(-1, -2), dim=-1)  # (B, H, n, m)
+        attn2 = torch.softmax(q_land @ k_land.transpose(-1, -2), dim=-1)  # (B, H, m, m)
+        attn3 = torch.softmax(q_land @ k.transpose(-1, -2), dim=-1)  # (B, H, m, n)
+        return q, k, v, pad, attn1, _moore_penrose_pinv(attn2, self.pinv_iterations), attn3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention over (B, n, dim); output (B, n, dim)."""
+        n = x.shape[1]
+        _, _, v, pad, attn1, attn2_inv, attn3 = self._parts(x)
+        out = (attn1 @ attn2_inv) @ (attn3 @ v) + self.residual(v)
+        out = out.transpose(1, 2).reshape(x.shape[0], -1, self.heads * self.head_dim)
+        return self.to_out(out)[:, -n:]  # drop the left padding
+
+    @torch.no_grad()
+    def row_attention(self, x: torch.Tensor, row: int) -> torch.Tensor:
+        """Approximate attention of query `row` (of the unpadded sequence) over all n tokens: (H, n)."""
+        n = x.shape[1]
+        _, _, _, pad, attn1, attn2_inv, attn3 = self._parts(x)
+        weights = attn1[0, :, pad + row : pad + row + 1] @ attn2_inv[0] @ attn3[0]  # (H, 1, n + pad)
+        return weights[:, 0, pad:]  # undo the Nystrom left padding
+
+
+class TransLayer(nn.Module):
+    """Pre-norm Nystrom attention block with a residual connection."""
+
+    def __init__(self, c: TransMILConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(c.dim)
+        self.attn = NystromAttention(c.dim, c.heads, c.landmarks, c.pinv_iterations, c.residual_kernel, c.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x + attention(norm(x))."""
+        return x + self.attn(self.norm(x))
+
+
+class PPEG(nn.Module):
+    """Pyramid position encoding generator: depthwise 7/5/3 convolutions over the square token grid."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj7 = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.proj5 = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
+        self.proj3 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor, side: int) -> torch.Tensor:
+        """x (B, 1 + side*side, dim) with the class token first; returns the same shape."""
+        b, _, dim = x.shape
+        cls_token, tokens = x[:, :1], x[:, 1:]
+        grid = tokens.transpose(1, 2).reshape(b, dim, side, side)
+        grid = grid + self.proj7(grid) + self.proj5(grid) + self.proj3(grid)
+        return torch.cat([cls_token, grid.flatten(2).transpose(1, 2)], dim=1)
+
+
+class TransMIL(nn.Module):
+    """TransMIL: projection, class token, square padding, Nystrom layer, PPEG, Nystrom layer, classifier."""
+
+    def __init__(self, config: TransMILConfig):
+        super().__init__()
+        self.config = c = config
+        self.projection = nn.Sequential(nn.Linear(c.in_features, c.dim), nn.ReLU())
+        self.cls_token = nn.Parameter(torch.randn(1, 1, c.dim) * 0.02)
+        self.layer1 = TransLayer(c)
+        self.ppeg = PPEG(c.dim)
+        self.layer2 = TransLayer(c)
+        self.norm = nn.LayerNorm(c.dim)
+        self.classifier = nn.Linear(c.dim, c.num_classes)
+
+    def _tokens(self, features: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Project, pad to a square by repeating the first instances, prepend the class token."""
+        h = self.projection(_as_bag(features)).unsqueeze(0)
+        n = h.shape[1]
+        side = math.ceil(math.sqrt(n))
+        extra = side * side - n
+        if extra:
+            h = torch.cat([h, h[:, :extra]], dim=1)
+        return torch.cat([self.cls_token.expand(1, -1, -1), h], dim=1), side, n
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return logits (1, C); attention maps come from `attention_scores` (AEM does not apply here)."""
+        x, side, _ = self._tokens(features)
+        x = self.layer2(self.ppeg(self.layer1(x), side))
+        return {"logits": self.classifier(self.norm(x)[:, 0])}
+
+    def _cls_attention(self, layer: TransLayer, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Class-token attention over the N real instances, averaged over heads and renormalised."""
+        with torch.no_grad():
+            weights = layer.attn.row_attention(layer.norm(x), row=0).mean(dim=0)  # (1 + side^2,)
+        # Drop the class token and the square-padding repeats (a repeat of instance i adds to i).
+        tokens = weights[1:]
+        scores = tokens[:n].clone()
+        extra = tokens.shape[0] - n
+        if extra:
+            scores[:extra] += tokens[n:]
+        scores = scores.clamp_min(0)
+        return scores / scores.sum().clamp_min(1e-12)
+
+    @torch.no_grad()
+    def attention_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """Class-token attention probabilities (1, N) of the last layer, padding undone, for heatmaps."""
+        x, side, n = self._tokens(features)
+        x = self.ppeg(self.layer1(x), side)
+        return self._cls_attention(self.layer2, x, n).unsqueeze(0)
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoint mapping (the ACMIL authors' names -> medai's); the file reading is in medai.io
+# --------------------------------------------------------------------------------------
+_ACMIL_NAME_MAP = {
+    "dimreduction.fc1.weight": "projection.weight",
+    "attention.attention_V.0.weight": "attention.tanh_branch.weight",
+    "attention.attention_V.0.bias": "attention.tanh_branch.bias",
+    "attention.attention_U.0.weight": "attention.sigmoid_branch.weight",
+    "attention.attention_U.0.bias": "attention.sigmoid_branch.bias",
+    "attention.attention_weights.weight": "attention.heads.weight",
+    "attention.attention_weights.bias": "attention.heads.bias",
+    "Slide_classifier.fc.weight": "slide_classifier.weight",
+    "Slide_classifier.fc.bias": "slide_classifier.bias",
+}
+
+
+def acmil_key(author_key: str) -> str | None:
+    """Return medai's name for a tensor of the authors' ACMIL_GA, or None when it has no counterpart."""
+    if author_key in _ACMIL_NAME_MAP:
+        return _ACMIL_NAME_MAP[author_key]
+    parts = author_key.split(".")
+    # classifier.{i}.fc.{weight,bias} -> branch_classifiers.{i}.{weight,bias}
+    if len(parts) == 4 and parts[0] == "classifier" and parts[1].isdigit() and parts[2] == "fc":
+        return f"branch_classifiers.{parts[1]}.{parts[3]}"
+    return None
+
+
+def convert_acmil_state_dict(author_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map the authors' ACMIL_GA state dict onto AttentionMIL names; raise KeyError naming unmatched tensors."""
+    converted, unmatched = {}, []
+    for key, tensor in author_state.items():
+        name = acmil_key(key)
+        if name is None:
+            unmatched.append(key)
+        else:
+            converted[name] = tensor.detach().clone().contiguous()
+    if unmatched:
+        raise KeyError(f"ACMIL tensors with no medai counterpart: {', '.join(sorted(unmatched))}")
+    return converted
+
+
+def acmil_config_from_state(state: dict[str, torch.Tensor], **overrides) -> AttentionMILConfig:
+    """Infer an AttentionMILConfig (widths, K, classes) from a converted ACMIL state dict."""
+    hidden, in_features = state["projection.weight"].shape
+    num_branches, attention_features = state["attention.heads.weight"].shape
+    num_classes = state["slide_classifier.weight"].shape[0]
+    values = dict(
+        in_features=in_features,
+        hidden_features=hidden,
+        attention_features=attention_features,
+        num_branches=num_branches,
+        num_classes=num_classes,
+    )
+    values.update(overrides)
+    return AttentionMILConfig(**values)
+
+
+# --------------------------------------------------------------------------------------
+# Registered variants
+# --------------------------------------------------------------------------------------
+_CARD = "data_cards/checkpoints/mil.md"
+
+
+def _attention_mil(defaults: dict, overrides: dict) -> AttentionMIL:
+    values = {**defaults, **overrides}
+    return AttentionMIL(AttentionMILConfig(**values))
+
+
+_ABMIL = dict(num_branches=1, n_masked_patch=0, mask_drop=0.0, head_mode="concat")
+_ACMIL = dict(num_branches=5, n_masked_patch=10, mask_drop=0.6, head_mode="branches")
+
+
+def _bracs(tag: str):
+    def resolve():
+        from pipelines.mil_checkpoints import resolve_acmil_bracs
+
+        return resolve_acmil_bracs(tag)
+
+    return resolve
+
+
+@register_model(family="mil", card=_CARD)
+def abmil(**overrides) -> nn.Module:
+    """ABMIL: gated attention pooling, one branch, one classifier (Ilse et al. 2018)."""
+    return _attention_mil(_ABMIL, overrides)
+
+
+@register_model(family="mil", card=_CARD)
+def abmil_aem(**overrides) -> nn.Module:
+    """ABMIL trained with the AEM attention-entropy term (lambda 0.1)."""
+    return _attention_mil({**_ABMIL, "aem_lambda": 0.1}, overrides)
+
+
+@register_model(family="mil", card=_CARD)
+def abmil_multihead(**overrides) -> nn.Module:
+    """Multi-head gated attention MIL: 4 attention heads, pooled vectors concatenated, one classifier."""
+    return _attention_mil({**_ABMIL, "num_branches": 4}, overrides)
+
+
+@register_model(family="mil", card=_CARD)
+def abmil_multihead_aem(**overrides) -> nn.Module:
+    """Multi-head gated attention MIL with the AEM term (lambda 0.1)."""
+    return _attention_mil({**_ABMIL, "num_branches": 4, "aem_lambda": 0.1}, overrides)
+
+
+@register_model(family="mil", card=_CARD)
+def acmil(**overrides) -> nn.Module:
+    """ACMIL: 5 attention branches, STKIM (top 10, drop 0.6), diversity loss (Zhang et al. 2023)."""
+    return _attention_mil(_ACMIL, overrides)
+
+
+@register_model(family="mil", card=_CARD)
+def acmil_aem(**overrides) -> nn.Module:
+    """ACMIL trained with the AEM attention-entropy term (lambda 0.1)."""
+    return _attention_mil({**_ACMIL, "aem_lambda": 0.1}, overrides)
+
+
+@register_model(family="mil", card=_CARD, pretrained={"bracs": _bracs("512d")})
+def acmil_bracs_512d(**overrides) -> nn.Module:
+    """The ACMIL authors' BRACS model on 512-d features (256-d projection, 1 branch, 3 classes)."""
+    return _attention_mil(
+        dict(in_features=512, hidden_features=256, attention_features=128, num_branches=1, num_classes=3,
+             n_masked_patch=0, mask_drop=0.0, head_mode="branches"),
+        overrides,
+    )
+
+
+@register_model(family="mil", card=_CARD, pretrained={"bracs": _bracs("384d")})
+def acmil_bracs_384d(**overrides) -> nn.Module:
+    """The ACMIL authors' BRACS model on 384-d features (128-d projection, 5 branches, 3 classes)."""
+    return _attention_mil(
+        dict(in_features=384, hidden_features=128, attention_features=128, num_branches=5, num_classes=3,
+             n_masked_patch=10, mask_drop=0.6, head_mode="branches"),
+        overrides,
+    )
+
+
+@register_model(family="mil", card=_CARD)
+def transmil(**overrides) -> nn.Module:
+    """TransMIL: two Nystrom attention layers with PPEG (Shao et al. 2021)."""
+    return TransMIL(TransMILConfig(**overrides))

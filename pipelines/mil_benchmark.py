@@ -1,0 +1,141 @@
+"""MIL benchmark: k-fold cross-validation of several MIL models on one bag set, through the shared engine.
+
+`run_mil_benchmark(path)` (CLI: `medai mil benchmark PATH`) trains every (model, seed, fold) as
+an ordinary `medai finetune` run (task `mil`), pools each (model, seed)'s out-of-fold test
+predictions over all bags, and reports accuracy, AUROC, balanced accuracy and F1 with
+percentile-bootstrap 95% CIs over bags, plus mean and SD across seeds. The seed also selects
+the fold assignment, and every model sees the same folds for a given seed (identical splits).
+Runs already finished are reused, so an interrupted benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Small widths: the classic sets have 166/230-d features and a few dozen bags per fold.
+DEFAULT_MODEL_KWARGS: dict[str, dict[str, Any]] = {
+    "abmil": {"hidden_features": 128, "attention_features": 64},
+    "acmil": {"hidden_features": 128, "attention_features": 64},
+    "acmil_aem": {"hidden_features": 128, "attention_features": 64},
+    "abmil_aem": {"hidden_features": 128, "attention_features": 64},
+    "transmil": {"dim": 64, "heads": 4, "landmarks": 32},
+}
+HEADLINE = ("accuracy", "auroc", "balanced_accuracy", "f1")
+
+
+@dataclass
+class BenchmarkSettings:
+    """What to run: models, folds, seeds, epochs and optimiser settings."""
+
+    models: tuple[str, ...] = ("abmil", "acmil", "acmil_aem", "transmil")
+    folds: int = 10
+    seeds: tuple[int, ...] = (0,)
+    epochs: int = 20
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    standardize: bool = True
+    val_fraction: float = 0.1
+    max_instances: int | None = None
+    n_boot: int = 1000
+    model_kwargs: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(DEFAULT_MODEL_KWARGS))
+
+
+def _fold_config(path: Path, model: str, seed: int, fold: int, s: BenchmarkSettings, runs_dir: Path):
+    from pipelines.finetune import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrainerConfig
+
+    options = {"folds": s.folds, "fold": fold, "split_seed": seed, "standardize": s.standardize,
+               "val_fraction": s.val_fraction, "max_instances": s.max_instances}
+    return TrainConfig(
+        task="mil",
+        model=ModelConfig(name=model, kwargs=dict(s.model_kwargs.get(model, {}))),
+        data=DataConfig(path=path, batch_size=1, options=options),
+        optim=OptimConfig(name="adamw", lr=s.lr, weight_decay=s.weight_decay),
+        schedule=ScheduleConfig(name="cosine"),
+        trainer=TrainerConfig(epochs=s.epochs, clip_grad_norm=None, deterministic=False, n_boot=0,
+                              log_every_steps=100),
+        seed=seed,
+        output_dir=runs_dir,
+        run_name=f"{model}/seed{seed}/fold{fold}",
+    )
+
+
+def _fold_predictions(run_dir: Path, test_ids: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    preds = np.load(run_dir / "predictions_test.npz")
+    ids = [test_ids[i] for i in preds["index"].ravel()]
+    return ids, preds["prob"], preds["target"].ravel()
+
+
+def run_mil_benchmark(path: str | Path, settings: BenchmarkSettings, output_dir: str | Path) -> dict[str, Any]:
+    """Cross-validate every model over every seed; return and write {model: {seed: metrics with CIs}, summary}."""
+    from medai.io.mil_bags import MILBag  # noqa: F401  (readers are imported by the task)
+    from pipelines.finetune import finetune
+    from pipelines.metrics import bootstrap_ci, classification_metrics
+    from pipelines.tasks.mil import MILOptions, read_bags, stratified_cv_split
+
+    path, output_dir = Path(path), Path(output_dir)
+    runs_dir = output_dir / "runs"
+    bags = read_bags(path, MILOptions())
+    labels = np.array([b.label for b in bags])
+    ids = [b.bag_id for b in bags]
+    task_type = "binary" if labels.max() <= 1 else "multiclass"
+    results: dict[str, Any] = {"dataset": str(path), "n_bags": len(bags), "settings": settings.__dict__, "models": {}}
+    for model in settings.models:
+        per_seed = {}
+        for seed in settings.seeds:
+            pooled_ids, pooled_prob, pooled_target = [], [], []
+            for fold in range(settings.folds):
+                split = stratified_cv_split(labels, settings.folds, fold, seed, settings.val_fraction)
+                cfg = _fold_config(path, model, seed, fold, settings, runs_dir)
+                run_dir = runs_dir / model / f"seed{seed}" / f"fold{fold}"
+                if not (run_dir / "predictions_test.npz").is_file():
+                    log.info("training %s seed %d fold %d/%d", model, seed, fold + 1, settings.folds)
+                    finetune(cfg)
+                fold_ids, prob, target = _fold_predictions(run_dir, [ids[i] for i in split["test"]])
+                pooled_ids += fold_ids
+                pooled_prob.append(prob)
+                pooled_target.append(target)
+            preds = {"prob": np.concatenate(pooled_prob), "target": np.concatenate(pooled_target)}
+            metrics = bootstrap_ci(lambda p: classification_metrics(p["target"], p["prob"], task_type), preds,
+                                   n_boot=settings.n_boot, seed=seed)
+            per_seed[seed] = {k: metrics[k] for k in HEADLINE if k in metrics}
+            log.info("%s seed %d: %s", model, seed, {k: round(v["value"], 3) for k, v in per_seed[seed].items()})
+        summary = {}
+        for metric in HEADLINE:
+            values = np.array([per_seed[s][metric]["value"] for s in settings.seeds], dtype=float)
+            summary[metric] = {"mean": float(np.nanmean(values)),
+                               "sd": float(np.nanstd(values, ddof=1)) if len(values) > 1 else 0.0}
+        results["models"][model] = {"per_seed": per_seed, "summary": summary}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (output_dir / "results.md").write_text(results_markdown(results))
+    return results
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """Format benchmark results as a markdown table (per seed with 95% CI, and mean ± SD across seeds)."""
+    s = results["settings"]
+    lines = [
+        f"### {Path(results['dataset']).name} ({results['n_bags']} bags; {s['folds']}-fold CV, seeds {list(s['seeds'])}, "
+        f"{s['epochs']} epochs)",
+        "",
+        "| model | seed | " + " | ".join(HEADLINE) + " |",
+        "|---|---|" + "---|" * len(HEADLINE),
+    ]
+    for model, entry in results["models"].items():
+        for seed, metrics in entry["per_seed"].items():
+            cells = [f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]" for m in (metrics[k] for k in HEADLINE)]
+            lines.append(f"| {model} | {seed} | " + " | ".join(cells) + " |")
+        if len(entry["per_seed"]) > 1:
+            cells = [f"{entry['summary'][k]['mean']:.3f} ± {entry['summary'][k]['sd']:.3f}" for k in HEADLINE]
+            lines.append(f"| {model} | mean ± SD | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Out-of-fold predictions pooled over all bags per seed; [95% percentile-bootstrap CI over bags].")
+    return "\n".join(lines) + "\n"
