@@ -293,3 +293,21 @@ def test_ingest_detects_sources_and_writes_report(mimic_iv_demo_path: Path, hl7_
     assert back.events.height == tables.events.height
     refused = pl.read_csv(tmp_path / "refused.csv")
     assert refused.filter(pl.col("source").str.contains("invalid")).height == 16
+
+
+def test_cli_ingest_and_summary(mimic_iv_fhir_demo_partial_path: Path, hl7_fhir_r4_examples_path: Path, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from medai.cli import app
+
+    out = tmp_path / "timeline"
+    result = CliRunner().invoke(app, ["ehr", "ingest", str(mimic_iv_fhir_demo_partial_path),
+                                      str(hl7_fhir_r4_examples_path / "invalid"), "--out", str(out), "--meds"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "101 patients" in result.output and "16 refused" in result.output
+    refused = pl.read_csv(out / "refused.csv")
+    assert set(refused["resource_id"].drop_nulls()) >= {"example", "bad-id_1", "f003"}
+    assert (out / "meds" / "data" / "data_0.parquet").is_file()
+    summary = CliRunner().invoke(app, ["ehr", "summary", str(out)], env={"COLUMNS": "200"})
+    assert summary.exit_code == 0 and "ICD10CM" in summary.output and "2110-" in summary.output
