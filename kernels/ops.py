@@ -12,21 +12,25 @@ from torch import Tensor
 from kernels.dispatch import OPS, dispatch, register_op, select_backend
 
 __all__ = ["OPS", "dispatch", "register_op", "select_backend", "selective_scan", "neighborhood_attention_2d",
-           "gated_attention_pool"]
+           "gated_attention_pool", "slide_attention"]
 
 
-register_op("selective_scan", reference="kernels.selective_scan_ref:selective_scan_chunked", triton=None)
+register_op(
+    "selective_scan",
+    reference="kernels.selective_scan_ref:selective_scan_chunked",
+    triton="kernels.selective_scan:selective_scan",
+)
 
 
 def selective_scan(
-    u: "torch.Tensor",
-    delta: "torch.Tensor",
-    A: "torch.Tensor",
-    B: "torch.Tensor",
-    C: "torch.Tensor",
-    D: "torch.Tensor | None" = None,
-    z: "torch.Tensor | None" = None,
-    delta_bias: "torch.Tensor | None" = None,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
 ):
@@ -52,7 +56,7 @@ def selective_scan(
 register_op(
     "neighborhood_attention_2d",
     reference="kernels.neighborhood_attention_ref:neighborhood_attention_2d",
-    triton=None,
+    triton="kernels.neighborhood_attention:neighborhood_attention_2d",
 )
 
 
@@ -73,7 +77,11 @@ def neighborhood_attention_2d(
     return dispatch("neighborhood_attention_2d", q.device)(q, k, v, kernel_size, dilation, rpb, scale)
 
 
-register_op("gated_attention_pool", reference="kernels.gated_attention_pool_ref:gated_attention_pool_ref")
+register_op(
+    "gated_attention_pool",
+    reference="kernels.gated_attention_pool_ref:gated_attention_pool_ref",
+    triton="kernels.gated_attention_pool:gated_attention_pool",
+)
 
 
 def gated_attention_pool(
@@ -85,3 +93,32 @@ def gated_attention_pool(
     bw: (K,) the K attention heads; mask: bool (K, N) or (N,), False = excluded before softmax.
     """
     return dispatch("gated_attention_pool", h.device)(h, wv, bv, wu, bu, ww, bw, mask)
+
+
+register_op(
+    "slide_attention",
+    reference="kernels.slide_attention_ref:slide_attention_ref",
+    triton="kernels.slide_attention:slide_attention",
+)
+
+
+def slide_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    coords: Tensor | None = None,
+    segment_length: int | None = None,
+    dilation: int = 1,
+    window_radius: int | None = None,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Attention over slide tokens with an optional sparse pattern: (out (B, heads, N, head_dim), lse (B, heads, N)).
+
+    q, k, v: (B, heads, N, head_dim); LongNet dilated segments (`segment_length`, `dilation`) and/or
+    2D-local windows of `window_radius` grid steps over `coords` (B, N, 2) integer patch-grid
+    positions; key_padding_mask (B, N) bool, True = real token. Queries with no allowed key give 0.
+    """
+    return dispatch("slide_attention", q.device)(
+        q, k, v, coords, segment_length, dilation, window_radius, key_padding_mask, scale
+    )

@@ -17,6 +17,20 @@ app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 ehr_app = typer.Typer(help="EHR timelines: ingest FHIR / MIMIC / MEDS, summarise.", no_args_is_help=True)
 app.add_typer(ehr_app, name="ehr")
+
+
+dicom_app = typer.Typer(help="DICOM files: scan, convert, inspect, de-identify.", no_args_is_help=True)
+pacs_app = typer.Typer(help="PACS over DICOMweb (QIDO/WADO/STOW) or DIMSE: ping, search, pull, push.", no_args_is_help=True)
+app.add_typer(dicom_app, name="dicom")
+app.add_typer(pacs_app, name="pacs")
+from medai.cli_slides import slides_app  # noqa: E402  (the `medai slides ...` group)
+
+app.add_typer(slides_app, name="slides")
+
+
+from medai.cli_seg import seg_app  # noqa: E402
+
+app.add_typer(seg_app, name="seg")
 console = Console()
 
 
@@ -217,6 +231,155 @@ def _print_ehr_summary(summary: dict, where: Path) -> None:
     for name, n in summary["refused_by_reason"].items():
         table.add_row("refused", name, str(n))
     console.print(table)
+
+
+@dicom_app.command("scan")
+def dicom_scan(
+    folder: Path = typer.Argument(..., help="Folder tree to index (any file names, non-DICOM files mixed in)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the index as JSON."),
+) -> None:
+    """Index studies/series under FOLDER and list every refused file with its reason (exit 0 when the scan ran)."""
+    import json
+
+    from medai.io.dicom import scan_folder
+
+    index = scan_folder(folder, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(index.to_dict(), indent=1, default=str))
+        return
+    table = Table(title=f"{len(index.studies)} studies, {index.instance_count} instances under {folder}")
+    for col in ("study", "series", "modality", "kind", "description", "instances"):
+        table.add_column(col)
+    for study in index.studies.values():
+        for series in study.series.values():
+            table.add_row(study.study_uid[-16:], series.series_uid[-16:], series.modality, series.kind,
+                          series.description, str(len(series.instances)))
+    console.print(table)
+    for dup in index.duplicates:
+        console.print(f"[yellow]DUPLICATE[/] {dup.path}: {dup.reason}")
+    for ref in index.refused:
+        console.print(f"[red]REFUSED[/] {ref.path}: {ref.error}: {ref.reason}")
+    console.print(f"{index.files_seen} files: {index.instance_count} indexed, {len(index.duplicates)} duplicate copies, {len(index.refused)} refused")
+
+
+@dicom_app.command("convert")
+def dicom_convert(
+    series_dir: Path = typer.Argument(..., help="Folder (or file) holding one series."),
+    out: Path = typer.Argument(..., help="Output NIfTI (.nii or .nii.gz)."),
+    series_uid: Optional[str] = typer.Option(None, help="Series Instance UID when the folder holds several."),
+) -> None:
+    """Write a series as NIfTI with its geometry (RAS affine); prints spacing and any geometry warnings."""
+    from medai.errors import DicomError
+    from medai.io.dicom import convert_series
+
+    try:
+        volume = convert_series(series_dir, out, series_uid=series_uid)
+    except DicomError as exc:
+        console.print(f"[red]error[/] {exc}")
+        raise typer.Exit(1)
+    for w in volume.warnings:
+        console.print(f"[yellow]warning[/] {w}")
+    console.print(f"wrote {out}: shape {volume.array.shape}, spacing {tuple(round(s, 4) for s in volume.spacing_mm)} mm, {volume.array.dtype}")
+
+
+@dicom_app.command("info")
+def dicom_info(path: Path = typer.Argument(..., help="One DICOM file.")) -> None:
+    """Print a header summary (no patient fields) and whether the pixels decode."""
+    from medai.errors import DicomError
+    from medai.io.dicom import describe_file
+
+    try:
+        info = describe_file(path)
+    except DicomError as exc:
+        console.print(f"[red]{type(exc).__name__}[/] {exc}")
+        raise typer.Exit(1)
+    for key, value in info.items():
+        console.print(f"{key:>20}: {value}")
+    if info.get("decodes") is False:
+        raise typer.Exit(1)
+
+
+@dicom_app.command("deidentify")
+def dicom_deidentify(
+    src: Path = typer.Argument(..., help="Folder (or file) to de-identify."),
+    out: Path = typer.Argument(..., help="Output folder."),
+    secret: str = typer.Option(..., envvar="MEDAI_DEID_SECRET", help="Key for the UID remapping (same key: same new UIDs)."),
+    pseudonym: str = typer.Option("ANON", help="Patient Name/ID written instead."),
+) -> None:
+    """De-identify (PS3.15 basic profile) with UIDs remapped consistently; lists refused files."""
+    from medai.io.deidentify import deidentify_folder
+
+    written, refused = deidentify_folder(src, out, secret=secret, pseudonym=pseudonym)
+    for path, reason in refused:
+        console.print(f"[red]REFUSED[/] {path}: {reason}")
+    console.print(f"wrote {len(written)} de-identified file(s) to {out}")
+
+
+def _pacs_auth(user: Optional[str], password: Optional[str], token: Optional[str], insecure: bool, ca_bundle: Optional[Path]) -> dict:
+    return {"username": user, "password": password, "token": token,
+            "verify_tls": str(ca_bundle) if ca_bundle else not insecure}
+
+
+_USER = typer.Option(None, "--user", envvar="MEDAI_PACS_USER", help="HTTP basic auth user.")
+_PASSWORD = typer.Option(None, "--password", envvar="MEDAI_PACS_PASSWORD", help="HTTP basic auth password.")
+_TOKEN = typer.Option(None, "--token", envvar="MEDAI_PACS_TOKEN", help="Bearer token.")
+_INSECURE = typer.Option(False, "--insecure", help="Do not verify TLS certificates (testing only).")
+_CA = typer.Option(None, "--ca-bundle", help="CA bundle (PEM) for the site's TLS certificates.")
+
+
+@pacs_app.command("ping")
+def pacs_ping(url: str = typer.Argument(..., help="http(s)://host:port/dicom-web or dicom://AE@host:port"),
+              user: Optional[str] = _USER, password: Optional[str] = _PASSWORD, token: Optional[str] = _TOKEN,
+              insecure: bool = _INSECURE, ca_bundle: Optional[Path] = _CA) -> None:
+    """Check a PACS connection (QIDO query or C-ECHO) and say what is wrong: URL, TLS, auth, AE title."""
+    from medai.io.pacs import ping
+
+    result = ping(url, **_pacs_auth(user, password, token, insecure, ca_bundle))
+    console.print(f"{'[green]OK[/]' if result.ok else '[red]FAILED[/]'} {result.protocol} {result.url}: {result.detail}")
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@pacs_app.command("search")
+def pacs_search(url: str = typer.Argument(..., help="DICOMweb root URL."),
+                study: Optional[str] = typer.Option(None, help="List the series of this Study Instance UID."),
+                user: Optional[str] = _USER, password: Optional[str] = _PASSWORD, token: Optional[str] = _TOKEN,
+                insecure: bool = _INSECURE, ca_bundle: Optional[Path] = _CA) -> None:
+    """QIDO-RS: list studies, or the series of one study."""
+    import json
+
+    from medai.io.pacs import DicomWebPacs
+
+    pacs = DicomWebPacs(url, **_pacs_auth(user, password, token, insecure, ca_bundle))
+    rows = pacs.search_series(study) if study else pacs.search_studies()
+    typer.echo(json.dumps(rows, indent=1, default=str))
+
+
+@pacs_app.command("pull")
+def pacs_pull(url: str = typer.Argument(..., help="DICOMweb root URL."), study: str = typer.Argument(...),
+              series: str = typer.Argument(...), dest: Path = typer.Argument(..., help="Output folder."),
+              user: Optional[str] = _USER, password: Optional[str] = _PASSWORD, token: Optional[str] = _TOKEN,
+              insecure: bool = _INSECURE, ca_bundle: Optional[Path] = _CA) -> None:
+    """WADO-RS: retrieve one series into DEST."""
+    from medai.io.pacs import pull_series
+
+    paths = pull_series(url, study, series, dest, **_pacs_auth(user, password, token, insecure, ca_bundle))
+    console.print(f"retrieved {len(paths)} instance(s) into {dest}")
+
+
+@pacs_app.command("push")
+def pacs_push(url: str = typer.Argument(..., help="DICOMweb root URL (STOW-RS) or dicom://AE@host:port (C-STORE)."),
+              paths: list[Path] = typer.Argument(..., help="Files or folders to store."),
+              user: Optional[str] = _USER, password: Optional[str] = _PASSWORD, token: Optional[str] = _TOKEN,
+              insecure: bool = _INSECURE, ca_bundle: Optional[Path] = _CA) -> None:
+    """STOW-RS / C-STORE files (folders are walked) to a PACS."""
+    from medai.io.dicom import iter_files
+    from medai.io.pacs import push_files
+
+    files = [f for p in paths for f in iter_files(p)]
+    auth = {} if url.startswith("dicom://") else _pacs_auth(user, password, token, insecure, ca_bundle)
+    stored = push_files(url, files, **auth)
+    console.print(f"stored {stored} instance(s)")
 
 
 @models_app.command("convert-medvit")

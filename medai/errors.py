@@ -62,6 +62,50 @@ class OptionalDependencyError(MedaiError, ImportError):
         super().__init__(f"{feature} needs the optional package '{package}': {hint}")
 
 
+class DicomError(MedaiError):
+    """A DICOM file or series cannot be used; names the file (never patient identifiers) and the reason."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+class DicomReadError(DicomError):
+    """The file is not readable DICOM: not DICOM at all, truncated, no preamble, malformed elements."""
+
+
+class DicomNotImageError(DicomError):
+    """The file is valid DICOM but not an image (SR, presentation state, SEG asked for as a volume ...)."""
+
+    def __init__(self, path: str | Path, sop_class: str, reason: str = ""):
+        self.sop_class = sop_class
+        super().__init__(path, reason or f"SOP class '{sop_class}' holds no image pixels")
+
+
+class DicomNoPixelDataError(DicomError):
+    """An image SOP instance without Pixel Data (or with pixel attributes missing)."""
+
+
+class DicomDecodeError(DicomError):
+    """The pixel data cannot be decoded; names the transfer syntax."""
+
+    def __init__(self, path: str | Path, transfer_syntax: str, reason: str):
+        self.transfer_syntax = transfer_syntax
+        super().__init__(path, f"cannot decode pixels ({transfer_syntax}): {reason}")
+
+
+class DicomSeriesError(DicomError):
+    """Instances do not form one consistent volume (orientation, size, duplicates, no geometry)."""
+
+
+class PacsError(MedaiError):
+    """A PACS request failed; names the server and says what to check (URL, auth, TLS, AE title)."""
+
+    def __init__(self, server: str, reason: str):
+        self.server, self.reason = server, reason
+        super().__init__(f"{server}: {reason}")
+
+
 class InvalidVolumeError(MedaiError, ValueError):
     """An image or label volume cannot be segmented as given (not 3D, bad spacing, empty, NaN)."""
 

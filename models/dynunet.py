@@ -64,7 +64,7 @@ def dynunet_3d(**overrides) -> nn.Module:
     return _build(3, overrides)
 
 
-@register_model(family="dynunet")
+@register_model(family="dynunet", card="data_cards/checkpoints/umamba_hippocampus.md")
 def dynunet_2d(**overrides) -> nn.Module:
     """MONAI DynUNet 2D baseline; overrides are DynUNetConfig fields."""
     return _build(2, overrides)

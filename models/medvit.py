@@ -21,8 +21,11 @@ DiNAT does, with the dilation that makes a 7x7 window span the stage's feature m
 reference input size (224 px: 8, 4, 2, 1); `"none"` uses dilation 1; `dilations` sets every LFP
 block explicitly. At run time a dilation larger than the feature map allows is reduced to fit.
 
+Feature maps smaller than the 7x7 window (inputs under 224 px reach them in stages 2-3) attend
+to the whole map with the matching position biases; the public code pads them with zero tokens.
+
 `reference_code_compat=True` reproduces the public code exactly so its released checkpoints
-give the same outputs: dilation 1, and its raw `reshape` (not `permute`) between channel-first
+give the same outputs: dilation 1, NATTEN's zero padding of small maps, and its raw `reshape` (not `permute`) between channel-first
 maps and the token layouts fed to neighborhood attention and to the KAN. That reshape mixes
 channels with pixels; the checkpoints were trained with it, so this switch keeps it, while the
 default follows the paper (attention over pixels, KAN over each pixel's channel vector).
@@ -163,9 +166,10 @@ class NeighborhoodAttention2d(nn.Module):
     window are zero-padded at the bottom/right and cropped back, as NATTEN does.
     """
 
-    def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1):
+    def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1, pad_small_maps: bool = True):
         super().__init__()
         self.num_heads, self.kernel_size, self.dilation = num_heads, kernel_size, dilation
+        self.pad_small_maps = pad_small_maps
         self.scale = (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, dim * 3)
         self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
@@ -179,6 +183,8 @@ class NeighborhoodAttention2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
         batch, height, width, channels = x.shape
+        if min(height, width) < self.kernel_size and not self.pad_small_maps:
+            return self._clipped_window(x)
         dilation = self.effective_dilation(height, width)
         pad_h, pad_w = max(0, self.kernel_size - height), max(0, self.kernel_size - width)
         if pad_h or pad_w:
@@ -189,6 +195,20 @@ class NeighborhoodAttention2d(nn.Module):
         out = ops.neighborhood_attention_2d(q, k, v, self.kernel_size, dilation, self.rpb, self.scale)
         out = out.permute(0, 2, 3, 1, 4).reshape(batch, padded_h, padded_w, channels)
         return self.proj(out[:, :height, :width])
+
+
+    def _clipped_window(self, x: Tensor) -> Tensor:
+        """Map smaller than the window: every pixel attends to the whole map, with the position
+        bias of each offset (the window clipped to the image instead of padded with zero tokens)."""
+        batch, height, width, channels = x.shape
+        qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, channels // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
+        rows = torch.arange(height, device=x.device).repeat_interleave(width)
+        cols = torch.arange(width, device=x.device).repeat(height)
+        k1 = self.kernel_size - 1
+        bias = self.rpb[:, rows[None, :] - rows[:, None] + k1, cols[None, :] - cols[:, None] + k1]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(batch, height, width, channels))
 
 
 class SqueezeExcite(nn.Module):
@@ -237,7 +257,11 @@ class LocalFeaturePerception(nn.Module):
         self.reference_reshape = config.reference_code_compat
         self.embed = PatchEmbed(in_chans, dim, stride)
         self.attn_norm = nn.BatchNorm2d(dim, eps=BN_EPS)
-        self.attn = NeighborhoodAttention2d(dim, dim // config.head_dim, config.na_kernel_size, dilation)
+        # The public code (NATTEN) pads maps smaller than the window with zero tokens; otherwise
+        # the window is clipped to the map, so small inputs attend to pixels, not padding.
+        self.attn = NeighborhoodAttention2d(
+            dim, dim // config.head_dim, config.na_kernel_size, dilation, pad_small_maps=config.reference_code_compat
+        )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.ffn_norm = nn.BatchNorm2d(dim, eps=BN_EPS)
         # SE reduction = dim, so the gate's bottleneck has expand_ratio units (as published)

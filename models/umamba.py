@@ -19,12 +19,14 @@ The MONAI DynUNet baseline with the same stages and recipe is `models/dynunet.py
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
 from models.mamba import MambaConfig, MambaMixer
+from medai.utils import repo_root
 from models.registry import register_model
 
 Direction = Literal["forward", "reverse", "inter_slice"]
@@ -161,9 +163,21 @@ def _build(variant: str, spatial_dims: int, overrides: dict) -> UMamba:
     return UMamba(config)
 
 
-@register_model(family="umamba", card="data_cards/checkpoints/umamba_hippocampus.md")
+def _hippocampus_checkpoint() -> Path:
+    # Trained in this project (card: data_cards/checkpoints/umamba_hippocampus.md); needs features=(16, 32, 64, 128).
+    return repo_root() / "checkpoints" / "msd_hippocampus" / "umamba_bot_3d_f16.safetensors"
+
+
+@register_model(
+    family="umamba",
+    card="data_cards/checkpoints/umamba_hippocampus.md",
+    pretrained={"msd_hippocampus": _hippocampus_checkpoint},
+)
 def umamba_bot_3d(**overrides) -> UMamba:
-    """U-Mamba-Bot 3D: Mamba at the bottleneck; overrides are UMambaConfig fields."""
+    """U-Mamba-Bot 3D: Mamba at the bottleneck; overrides are UMambaConfig fields.
+
+    pretrained='msd_hippocampus' (with features=(16, 32, 64, 128)) loads the Task04 checkpoint.
+    """
     return _build("bot", 3, overrides)
 
 
@@ -173,13 +187,13 @@ def umamba_enc_3d(**overrides) -> UMamba:
     return _build("enc", 3, overrides)
 
 
-@register_model(family="umamba")
+@register_model(family="umamba", card="data_cards/checkpoints/umamba_hippocampus.md")
 def umamba_bot_2d(**overrides) -> UMamba:
     """U-Mamba-Bot 2D (slices); overrides are UMambaConfig fields."""
     return _build("bot", 2, overrides)
 
 
-@register_model(family="umamba")
+@register_model(family="umamba", card="data_cards/checkpoints/umamba_hippocampus.md")
 def umamba_enc_2d(**overrides) -> UMamba:
     """U-Mamba-Enc 2D (slices); overrides are UMambaConfig fields."""
     return _build("enc", 2, overrides)

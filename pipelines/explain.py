@@ -113,3 +113,22 @@ def save_cam_overlay(image: np.ndarray, cam: np.ndarray, path: str | Path, alpha
     fig.savefig(path, bbox_inches="tight", pad_inches=0.02)
     plt.close(fig)
     return path
+
+
+def explain_run(run_dir: str | Path, split: str = "test", indices: tuple[int, ...] = (0, 1, 2),
+                out_dir: str | Path | None = None, checkpoint: str = "best") -> list[Path]:
+    """Grad-CAM PNGs for items of a finished `medai finetune` run's split; returns the files."""
+    from pipelines.evaluate import load_run
+
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir else run_dir / f"gradcam_{split}"
+    _, _, data, model = load_run(run_dir, checkpoint)
+    dataset = data.datasets[split]
+    written = []
+    for index in indices:
+        image, label = dataset[index]
+        result = grad_cam(model, image)
+        title = (f"{split}[{index}] label {int(label.reshape(-1)[0])}, predicted {result.class_index} "
+                 f"(p={result.probability:.2f}), layer {result.layer}")
+        written.append(save_cam_overlay(image.numpy(), result.cam, out_dir / f"{split}_{index}.png", title=title))
+    return written

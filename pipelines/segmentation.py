@@ -119,46 +119,41 @@ def label_metrics(
 ) -> dict[str, float]:
     """Dice and HD95 (mm) per label for one case; prediction/truth are integer volumes (X, Y, Z).
 
-    An empty prediction or truth for a label gives HD95 = nan (undefined); Dice is 0 if only
-    one of them is empty and 1 if both are.
+    Built on the engine's `segmentation_metrics` (MONAI), with empty masks made explicit: HD95 is
+    nan (undefined) when the prediction or the truth of a label is empty; Dice is 0 when only
+    one of them is empty and 1 when both are.
     """
-    from monai.metrics import compute_dice, compute_hausdorff_distance
+    from pipelines.metrics import segmentation_metrics
 
+    n_classes = max(max(labels), int(prediction.max()), int(truth.max())) + 1
+    scores = segmentation_metrics(np.asarray(prediction)[None], np.asarray(truth)[None], n_classes, tuple(spacing_mm))
     out: dict[str, float] = {}
     for value, name in labels.items():
-        p = (prediction == value)[None, None]
-        t = (truth == value)[None, None]
-        p2 = torch.cat([~p, p], 1).float()
-        t2 = torch.cat([~t, t], 1).float()
-        if not t.any() and not p.any():
-            dice = 1.0
-        else:
-            dice = float(compute_dice(p2, t2, include_background=False, ignore_empty=False)[0, 0])
-        if p.any() and t.any():
-            hd95 = float(compute_hausdorff_distance(p2, t2, percentile=95, spacing=list(spacing_mm))[0, 0])
-        else:
-            hd95 = float("nan")
+        in_pred, in_truth = bool((prediction == value).any()), bool((truth == value).any())
+        dice = float(scores["dice"][0][value - 1])
+        if not in_truth:
+            dice = 0.0 if in_pred else 1.0
         out[f"dice_{name}"] = dice
-        out[f"hd95_{name}"] = hd95
+        out[f"hd95_{name}"] = float(scores["hd95"][0][value - 1]) if in_pred and in_truth else float("nan")
     return out
 
 
-def bootstrap_ci(values: Sequence[float], n_resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
-    """Mean and percentile-bootstrap CI over cases (nan values dropped, their count reported)."""
-    array = np.asarray(values, dtype=np.float64)
-    finite = array[np.isfinite(array)]
-    if finite.size == 0:
-        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0, "n_undefined": int(array.size)}
-    rng = np.random.default_rng(seed)
-    means = rng.choice(finite, size=(n_resamples, finite.size), replace=True).mean(1)
-    alpha = (1 - level) / 2
-    return {
-        "mean": float(finite.mean()),
-        "low": float(np.quantile(means, alpha)),
-        "high": float(np.quantile(means, 1 - alpha)),
-        "n": int(finite.size),
-        "n_undefined": int(array.size - finite.size),
-    }
+def summarize_cases(per_case: Sequence[dict[str, Any]], keys: Sequence[str], n_boot: int = 2000) -> dict[str, Any]:
+    """Mean over cases of each metric with a percentile-bootstrap 95% CI (the engine's bootstrap).
+
+    Undefined values (HD95 with an empty mask) are left out of the mean and counted.
+    """
+    from pipelines.metrics import bootstrap_ci
+
+    preds = {key: np.array([row[key] for row in per_case], dtype=np.float64) for key in keys}
+
+    def means(p: dict[str, np.ndarray]) -> dict[str, float]:
+        return {k: float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else float("nan") for k, v in p.items()}
+
+    summary = bootstrap_ci(means, preds, n_boot=n_boot)
+    for key in keys:
+        summary[key]["n_undefined"] = int((~np.isfinite(preds[key])).sum())
+    return summary
 
 
 def evaluate_segmentation(
@@ -188,11 +183,8 @@ def evaluate_segmentation(
         spacing = np.linalg.norm(np.asarray(image.affine)[:3, :3], axis=0).tolist()
         per_case.append({"case": record["case"], **label_metrics(prediction, truth[0], spacing, labels)})
     seconds = time.perf_counter() - started
-    summary = {}
-    for name in labels.values():
-        for metric in ("dice", "hd95"):
-            key = f"{metric}_{name}"
-            summary[key] = bootstrap_ci([row[key] for row in per_case])
+    keys = [f"{metric}_{name}" for name in labels.values() for metric in ("dice", "hd95")]
+    summary = summarize_cases(per_case, keys) if per_case else {}
     return {
         "summary": summary,
         "per_case": per_case,
@@ -236,6 +228,42 @@ def predict_volume(
         truth = np.asarray(nib.load(str(label_path)).dataobj) if label_path else None
         save_overlay_montage(np.asarray(original.dataobj, dtype=np.float32), labels, montage_path, truth)
     return out_path
+
+
+def predict_dicom_series(
+    model: nn.Module,
+    series: str | Path,
+    out_path: str | Path,
+    roi_size: Sequence[int],
+    labels: dict[int, str] = HIPPOCAMPUS_LABELS,
+    anatomy: str = "Hippocampus",
+) -> Path:
+    """Segment a DICOM series and write the labels as a DICOM SEG over it (medai.results.dicom_seg)."""
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd
+
+    from medai.io.dicom import load_series
+    from medai.results.dicom_seg import SegmentSpec, write_segmentation
+
+    volume = load_series(series)
+    if volume.array.ndim != 3:
+        raise InvalidVolumeError(series, f"expected one 3D grey-level volume, got array shape {volume.array.shape}")
+    if volume.geometry != "patient" or volume.affine_ras is None:
+        raise InvalidVolumeError(series, "no patient geometry (orientation/position); a SEG could not be placed")
+    image = MetaTensor(torch.as_tensor(volume.array, dtype=torch.float32)[None], affine=torch.as_tensor(volume.affine_ras))
+    transform = segmentation_transforms("infer", roi_size, with_label=False, from_arrays=True)
+    item = transform({"image": image})
+    model.eval()
+    logits = sliding_window_logits(model, item["image"][None].float(), roi_size)
+    item["pred"] = logits[0].argmax(0, keepdim=True).float()
+    item["pred"].applied_operations = item["image"].applied_operations
+    item["pred"].affine = item["image"].affine
+    restored = Invertd("pred", transform, orig_keys="image", nearest_interp=True)(item)["pred"]
+    label_map = np.asarray(restored[0]).round().astype(np.uint8)
+    specs = [SegmentSpec(label=value, name=f"{name} {anatomy.lower()}", property_type=anatomy)
+             for value, name in labels.items()]
+    return write_segmentation(label_map, volume, specs, out_path, algorithm_name=type(model).__name__,
+                              keep_empty_frames=True)
 
 
 def save_overlay_montage(
@@ -389,13 +417,14 @@ def format_summary(result: dict[str, Any]) -> str:
     parts = []
     for name in HIPPOCAMPUS_LABELS.values():
         d, h = result["summary"][f"dice_{name}"], result["summary"][f"hd95_{name}"]
-        parts.append(f"{name}: Dice {d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}], HD95 {h['mean']:.2f} mm"
+        parts.append(f"{name}: Dice {d['value']:.3f} [{d['low']:.3f}, {d['high']:.3f}], HD95 {h['value']:.2f} mm"
                      + (f" ({h['n_undefined']} undefined)" if h["n_undefined"] else ""))
     return "; ".join(parts)
 
 
 __all__ = [
-    "HIPPOCAMPUS_LABELS", "NNUNET_TASK04_DICE", "SegTrainConfig", "bootstrap_ci", "case_records",
-    "evaluate_segmentation", "format_summary", "label_metrics", "list_cases", "make_split", "predict_volume",
-    "read_split", "save_overlay_montage", "sliding_window_logits", "train_segmentation", "write_split",
+    "HIPPOCAMPUS_LABELS", "NNUNET_TASK04_DICE", "SegTrainConfig", "case_records",
+    "evaluate_segmentation", "format_summary", "label_metrics", "list_cases", "make_split", "predict_dicom_series", "predict_volume",
+    "read_split", "save_overlay_montage", "sliding_window_logits", "summarize_cases", "train_segmentation",
+    "write_split",
 ]

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Install the system programs that the orthanc and browser tests use, when missing.
-# Idempotent: does nothing when Orthanc (with DICOMweb), dcmtk and Chromium are present.
+# Idempotent: does nothing when Orthanc (with DICOMweb), dcmtk, dicom3tools and Chromium are present.
 set -euo pipefail
 need=()
 command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
 ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so >/dev/null 2>&1 || need+=(orthanc-dicomweb)
 command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
+command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

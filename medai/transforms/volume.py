@@ -109,15 +109,20 @@ def segmentation_transforms(
     spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
     with_label: bool = True,
     labels: Sequence[int] = (0, 1, 2),
+    from_arrays: bool = False,
 ):
-    """MONAI Compose for `stage` in train/val/infer: load, check, resample, z-score; train adds crops."""
+    """MONAI Compose for `stage` in train/val/infer: load, check, resample, z-score; train adds crops.
+
+    from_arrays: inputs are already channel-first MetaTensors with their affine (e.g. a DICOM series
+    loaded by medai.io.dicom) instead of file paths.
+    """
     from monai import transforms as mt
 
     keys = ["image", "label"] if with_label else ["image"]
     modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
+    loading = [] if from_arrays else [mt.LoadImaged(keys, image_only=True), mt.EnsureChannelFirstd(keys)]
     steps = [
-        mt.LoadImaged(keys, image_only=True),
-        mt.EnsureChannelFirstd(keys),
+        *loading,
         CheckVolumed("image", "label" if with_label else None, labels=labels),
         mt.Spacingd(keys, pixdim=tuple(spacing_mm), mode=modes),
         # MR intensities have no absolute scale (the MSD files range from 255 to 1e6): z-score inside the head.

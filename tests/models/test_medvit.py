@@ -83,6 +83,24 @@ def test_dilation_reaches_the_attention_and_shrinks_to_fit():
     assert attn(x).shape == x.shape
 
 
+def test_map_smaller_than_window_attends_to_every_pixel_with_its_offset_bias():
+    torch.manual_seed(0)
+    attn = NeighborhoodAttention2d(dim=8, num_heads=2, kernel_size=7, pad_small_maps=False).eval()
+    x = torch.randn(1, 4, 5, 8)
+    out = attn(x)
+    # the same op with a kernel exactly covering a 4x5 map does not exist (odd, square windows);
+    # check against an explicit loop over query pixels instead
+    q, k, v = attn.qkv(x).reshape(1, 4, 5, 3, 2, 4).permute(3, 0, 4, 1, 2, 5)
+    expected = torch.empty(1, 2, 4, 5, 4)
+    for i in range(4):
+        for j in range(5):
+            logits = (k * q[:, :, i : i + 1, j : j + 1]).sum(-1) * attn.scale  # (1, 2, 4, 5)
+            logits = logits + attn.rpb[:, 6 - i : 10 - i, 6 - j : 11 - j]
+            weights = logits.flatten(2).softmax(-1).view(1, 2, 4, 5, 1)
+            expected[:, :, i, j] = (weights * v).sum((2, 3))
+    torch.testing.assert_close(out, attn.proj(expected.permute(0, 2, 3, 1, 4).reshape(1, 4, 5, 8)), rtol=1e-5, atol=1e-5)
+
+
 def test_map_smaller_than_window_is_zero_padded_like_natten():
     """NATTEN pads (B, H, W, C) with zero tokens to the window size; padded keys take part."""
     torch.manual_seed(0)

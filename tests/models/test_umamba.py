@@ -96,3 +96,14 @@ def test_bad_options_are_named():
         create_model("umamba_bot_3d", scan_directions=("sideways",))
     with pytest.raises(ValueError, match="mamba_stages"):
         create_model("umamba_bot_3d", features=(4, 8), mamba_stages=(5,))
+
+
+def test_shipped_hippocampus_checkpoint_segments_validation_volumes(msd_hippocampus_path):
+    from pipelines.segmentation import case_records, evaluate_segmentation, read_split
+
+    model = create_model("umamba_bot_3d", pretrained="msd_hippocampus", features=(16, 32, 64, 128))
+    val = read_split("configs/splits/msd_task04_hippocampus.json")["val"]
+    records = case_records(msd_hippocampus_path, val[:2])  # cases the checkpoint never trained on
+    result = evaluate_segmentation(model, records, (32, 48, 32), progress=False)
+    for label in ("anterior", "posterior"):
+        assert result["summary"][f"dice_{label}"]["value"] > 0.75, result["per_case"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -57,3 +59,21 @@ def test_medvit_cam_on_a_real_breastmnist_image(breastmnist_path, tmp_path):
 def test_batch_is_refused():
     with pytest.raises(ModelInputError, match="one image"):
         grad_cam(BrightnessClassifier(), torch.zeros(2, 1, 8, 8), layer="features")
+
+
+def test_explain_run_writes_one_png_per_item(breastmnist_path, tmp_path):
+    """A run folder as `medai finetune` leaves it (config + best weights) -> Grad-CAM PNGs."""
+    import shutil
+
+    from models import save_weights
+    from pipelines.explain import explain_run
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "best").mkdir(parents=True)
+    config = (Path(__file__).resolve().parents[2] / "configs" / "breastmnist_medvit_tiny.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("${MEDAI_DATA}/medmnist/breastmnist.npz", str(breastmnist_path)))
+    torch.manual_seed(0)
+    save_weights(create_model("medvit_tiny", in_chans=1, num_classes=2), run / "checkpoints" / "best" / "model.safetensors")
+    written = explain_run(run, "test", indices=(0, 5))
+    assert [p.name for p in written] == ["test_0.png", "test_5.png"] and all(p.stat().st_size > 1000 for p in written)
+    shutil.rmtree(run)

@@ -13,7 +13,6 @@ import torch
 from models import create_model
 from pipelines.segmentation import (
     SegTrainConfig,
-    bootstrap_ci,
     case_records,
     evaluate_segmentation,
     label_metrics,
@@ -21,6 +20,7 @@ from pipelines.segmentation import (
     predict_volume,
     read_split,
     sliding_window_logits,
+    summarize_cases,
     train_segmentation,
 )
 
@@ -55,12 +55,12 @@ def test_label_metrics_on_known_shapes():
     assert empty["dice_anterior"] == 0.0 and np.isnan(empty["hd95_anterior"])
 
 
-def test_bootstrap_ci_brackets_the_mean_and_reports_undefined():
+def test_case_summary_brackets_the_mean_and_counts_undefined():
     values = list(np.linspace(0.7, 0.9, 40)) + [float("nan")]
-    ci = bootstrap_ci(values)
-    assert ci["low"] < ci["mean"] < ci["high"]
-    assert ci["mean"] == pytest.approx(0.8)
-    assert ci["n"] == 40 and ci["n_undefined"] == 1
+    ci = summarize_cases([{"hd95_anterior": v} for v in values], ["hd95_anterior"])["hd95_anterior"]
+    assert ci["low"] < ci["value"] < ci["high"]
+    assert ci["value"] == pytest.approx(0.8)
+    assert ci["n_undefined"] == 1
 
 
 def test_sliding_window_gaussian_covers_a_volume_larger_than_the_roi():
@@ -107,3 +107,33 @@ def test_training_runs_resumes_and_skips_non_finite_losses(msd_hippocampus_path,
     cfg.out_dir, cfg.max_bad_steps = tmp_path / "nan_run", 2
     with pytest.raises(FloatingPointError, match="2 non-finite losses"):
         train_segmentation(cfg)
+
+
+def test_engine_trains_the_segmentation_task(msd_hippocampus_path, tmp_path):
+    from pipelines.finetune import finetune, load_train_config
+
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["hippocampus_001", "hippocampus_004"], "val": ["hippocampus_007"]}))
+    cfg = load_train_config(
+        "configs/hippocampus_umamba_bot_3d.yaml",
+        [f"data.path={msd_hippocampus_path}", f"data.options.split_file={split}", f"output_dir={tmp_path}",
+         "model.kwargs.features=[4, 8, 8]", "data.options.roi_size=[16, 16, 16]", "trainer.epochs=1"],
+    )
+    result = finetune(cfg)
+    record = result.history[-1]
+    assert 0.0 <= record["val_dice_anterior"] <= 1.0 and "val_hd95_posterior" in record
+    assert (result.run_dir / "checkpoints" / "best" / "model.safetensors").is_file()
+
+
+def test_dicom_series_prediction_is_written_as_dicom_seg(dicom_dcmqi_path, tmp_path):
+    from medai.io.dicom import load_series
+    from medai.results.dicom_seg import read_segmentation
+    from pipelines.segmentation import predict_dicom_series
+
+    torch.manual_seed(0)
+    series = dicom_dcmqi_path / "segmentations" / "ct-3slice"
+    model = create_model("dynunet_3d", features=(4, 8, 8))
+    path = predict_dicom_series(model, series, tmp_path / "seg.dcm", (256, 256, 4))  # 512x512x3 CT: few windows
+    seg = read_segmentation(path)
+    assert [s.label for s in seg.segments] == ["anterior hippocampus", "posterior hippocampus"]
+    assert seg.referenced_series_uid == load_series(series).metadata["SeriesInstanceUID"]

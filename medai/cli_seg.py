@@ -1,0 +1,63 @@
+"""`medai seg ...`: 3D segmentation commands (split, budgeted training, prediction). Thin wrappers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+seg_app = typer.Typer(help="3D segmentation (U-Mamba, DynUNet) on NIfTI volumes.", no_args_is_help=True)
+console = Console()
+
+
+@seg_app.command("split")
+def split(
+    dataset_dir: Path = typer.Argument(..., help="MSD-style folder with images/ and labels/."),
+    out: Path = typer.Option(..., help="Split JSON file to write."),
+    val_fraction: float = typer.Option(0.2, help="Fraction of cases for validation."),
+    seed: int = typer.Option(0, help="Shuffle seed."),
+) -> None:
+    """Write a fixed, seeded train/validation split file of the labelled cases."""
+    from pipelines.segmentation import make_split, write_split
+
+    data = make_split(dataset_dir, val_fraction, seed)
+    write_split(data, out)
+    console.print(f"{out}: {len(data['train'])} train, {len(data['val'])} validation cases")
+
+
+@seg_app.command("train")
+def train(
+    config: Path = typer.Argument(..., help="YAML SegTrainConfig (configs/seg/)."),
+    override: list[str] = typer.Option([], "--override", "-o", help="key=value, repeatable."),
+) -> None:
+    """Train for a wall-clock budget (same recipe across models), then score validation (resumable)."""
+    from medai.config import load_config
+    from pipelines.segmentation import SegTrainConfig, format_summary, train_segmentation
+
+    result = train_segmentation(load_config(SegTrainConfig, config, override))
+    console.print(f"{result['model']}: {result['steps']} steps in {result['train_minutes']:.1f} min; "
+                  f"{result['n_cases']} validation volumes: {format_summary(result)}")
+
+
+@seg_app.command("predict")
+def predict(
+    image: Path = typer.Argument(..., help="NIfTI volume to segment."),
+    model: str = typer.Option(..., help="Registered model name, e.g. umamba_bot_3d."),
+    weights: Path = typer.Option(..., help="safetensors checkpoint of that model."),
+    out: Path = typer.Option(..., help="Label volume to write (.nii.gz)."),
+    option: list[str] = typer.Option([], "--option", help="Model option key=value (YAML value), repeatable."),
+    roi: tuple[int, int, int] = typer.Option((32, 48, 32), help="Sliding-window ROI in voxels."),
+    montage: Optional[Path] = typer.Option(None, help="Also write a PNG overlay montage here."),
+    label: Optional[Path] = typer.Option(None, help="Reference label volume shown in the montage."),
+) -> None:
+    """Segment one volume with sliding-window inference; write NIfTI labels in the input grid."""
+    from medai.config import apply_overrides
+    from models import create_model
+    from pipelines.segmentation import predict_volume
+
+    options = apply_overrides({}, option)
+    net = create_model(model, pretrained=weights, **options)
+    path = predict_volume(net, image, out, roi, montage, label)
+    console.print(f"wrote {path}" + (f" and {montage}" if montage else ""))

@@ -1,0 +1,444 @@
+"""DICOM reading on the real shared files: every file decodes or is refused, geometry, edge cases, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from medai.errors import (
+    DicomDecodeError,
+    DicomNoPixelDataError,
+    DicomNotImageError,
+    DicomReadError,
+    DicomSeriesError,
+)
+from medai.io.dicom import (
+    CT_WINDOW_PRESETS,
+    ORTHOGONALITY_TOLERANCE,
+    apply_window,
+    check_orientation,
+    describe_file,
+    load_folder,
+    load_series,
+    save_nifti,
+    scan_folder,
+    window_volume,
+)
+
+nib = pytest.importorskip("nibabel")
+
+NON_DICOM_SUFFIXES = (".json", ".nii", ".nii.gz", ".nrrd")
+TCIA_SERIES = "Study1/12-T1post-05670"
+
+
+@pytest.fixture(scope="module")
+def dicom_root(shared_data: Path) -> Path:
+    return shared_data / "dicom"
+
+
+@pytest.fixture(scope="module")
+def dicom_index(dicom_root):
+    return scan_folder(dicom_root)
+
+
+# ---------------------------------------------------------------- every file in the shared data
+
+
+def test_every_shared_dicom_file_is_indexed_or_refused_with_a_reason(dicom_root, dicom_index):
+    files = [p for p in dicom_root.rglob("*") if p.is_file()]
+    indexed = {i.path for s in dicom_index.all_series() for i in s.instances}
+    duplicates = {d.path for d in dicom_index.duplicates}
+    refused = {r.path: r for r in dicom_index.refused}
+    assert len(files) == dicom_index.files_seen == len(indexed) + len(duplicates) + len(refused)
+    for path, r in refused.items():
+        # Only the reference outputs (JSON/NIfTI/NRRD) and one file without study/series UIDs are refused.
+        if path.endswith(NON_DICOM_SUFFIXES):
+            assert r.error == "DicomReadError" and "not a DICOM file" in r.reason
+        else:
+            assert path.endswith("JLSL_08_07_0_1F.dcm") and "StudyInstanceUID" in r.reason
+    assert not any(p.endswith(NON_DICOM_SUFFIXES) for p in indexed)
+
+
+def test_every_shared_image_file_decodes(dicom_root, dicom_index):
+    paths = [i.path for s in dicom_index.all_series() for i in s.instances if i.kind == "image"]
+    paths += [d.path for d in dicom_index.duplicates] + [str(dicom_root / "pydicom_data/JLSL_08_07_0_1F.dcm")]
+    # TCIA files are all the same uncompressed syntax: two series stand for them (the volume test loads all).
+    paths = [p for p in paths if "tcia_brain" not in p or TCIA_SERIES in p]
+    failures = {}
+    for path in paths:
+        info = describe_file(path)
+        if info["kind"] == "image" and not info["decodes"]:
+            failures[path] = info["pixels"]
+    assert not failures, failures
+    assert len(paths) >= 80
+
+
+def test_non_image_instances_are_indexed_but_refused_as_volumes(dicom_index):
+    kinds = {s.kind for s in dicom_index.all_series()}
+    assert {"image", "seg", "sr", "other"} <= kinds
+    sr = dicom_index.find(kind="sr")[0]
+    with pytest.raises(DicomNotImageError, match="Comprehensive SR"):
+        load_series(sr)
+
+
+# ---------------------------------------------------------------- transfer syntaxes and references
+
+
+def test_dcm_qa_ts_nine_transfer_syntaxes_decode_identically(dicom_dcm_qa_ts_path):
+    arrays = {}
+    syntaxes = set()
+    for i in range(1, 10):
+        path = dicom_dcm_qa_ts_path / f"{i}.dcm"
+        arrays[i] = load_series(path).array
+        syntaxes.add(str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID))
+    assert len(syntaxes) == 7  # explicit/implicit/big endian, RLE, JPEG lossless, JPEG-LS, JPEG 2000
+    for i in range(2, 10):
+        assert arrays[i].dtype == arrays[1].dtype and np.array_equal(arrays[i], arrays[1]), f"{i}.dcm differs"
+
+
+def test_dcm_qa_ts_mosaic_untiles_to_the_dcm2niix_reference(dicom_dcm_qa_ts_path, tmp_path):
+    volume = load_series(dicom_dcm_qa_ts_path / "1.dcm")
+    assert volume.array.shape == (64, 64, 35) and volume.geometry == "patient"
+    ours = nib.as_closest_canonical(nib.load(save_nifti(volume, tmp_path / "m.nii.gz")))
+    ref = nib.as_closest_canonical(nib.load(dicom_dcm_qa_ts_path / "ref" / "1.nii"))
+    assert np.array_equal(np.asarray(ours.dataobj), np.asarray(ref.dataobj))
+    np.testing.assert_allclose(ours.affine, ref.affine, atol=1e-4)
+    np.testing.assert_allclose(volume.spacing_mm, (3.25, 3.25, 3.6), atol=1e-6)
+
+
+@pytest.mark.parametrize("encoding", ["anatomical", "compressed_j2k", "compressed_jpeg", "compressed_jpegls", "compressed_rle"])
+def test_dicom2nifti_series_match_ground_truth_nifti(dicom_dicom2nifti_generic_path, encoding, tmp_path):
+    volume = load_series(dicom_dicom2nifti_generic_path / encoding / "001")
+    out = save_nifti(volume, tmp_path / "out.nii.gz")
+    ours = nib.as_closest_canonical(nib.load(out))
+    truth = nib.as_closest_canonical(nib.load(dicom_dicom2nifti_generic_path / encoding / "001_ground_truth.nii.gz"))
+    assert np.array_equal(np.asarray(ours.dataobj), np.asarray(truth.dataobj))
+    np.testing.assert_allclose(ours.affine, truth.affine, atol=1e-4)
+
+
+def test_monochrome1_is_inverted_and_ybr_converted(dicom_pydicom_data_path):
+    cr = dicom_pydicom_data_path / "RG3_J2KR.dcm"
+    ds = pydicom.dcmread(cr)
+    volume = load_series(cr)
+    raw = ds.pixel_array
+    assert volume.metadata["monochrome1_inverted"]
+    assert np.array_equal(volume.slices[0], (2 ** int(ds.BitsStored) - 1) - raw.astype(np.int64))
+    lossless = load_series(dicom_pydicom_data_path / "US1_J2KR.dcm")
+    reference = load_series(dicom_pydicom_data_path / "US1_UNCR.dcm")
+    assert lossless.photometric == "RGB" and lossless.array.shape[-1] == 3
+    assert np.array_equal(lossless.array, reference.array)
+    palette = load_series(dicom_pydicom_data_path / "OBXXXX1A.dcm")
+    assert palette.photometric == "RGB" and palette.array.shape == (800, 600, 1, 3)
+
+
+def test_enhanced_ct_geometry_and_rescale_from_functional_groups(dicom_pydicom_data_path):
+    path = dicom_pydicom_data_path / "eCT_Supplemental.dcm"
+    ds = pydicom.dcmread(path)
+    volume = load_series(path)
+    assert volume.geometry == "patient"
+    frames = ds.PerFrameFunctionalGroupsSequence
+    positions = np.array([[float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient] for f in frames])
+    first = positions[np.argmin(positions @ volume.direction[:, 2])]
+    np.testing.assert_allclose(volume.origin_lps, first, atol=1e-6)
+    iop = [float(v) for v in ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient]
+    np.testing.assert_allclose(volume.direction[:, 0], iop[:3], atol=1e-6)
+    np.testing.assert_allclose(volume.spacing_mm[:2], (0.388672, 0.388672))
+    # Rescale Intercept -1024 sits only in the functional groups.
+    assert volume.array.min() == int(ds.pixel_array.min()) - 1024
+
+
+def test_enhanced_mr_without_functional_groups_gets_no_made_up_affine(dicom_pydicom_data_path, tmp_path):
+    volume = load_series(dicom_pydicom_data_path / "emri_small.dcm")
+    assert volume.affine_lps is None and volume.geometry == "none" and volume.array.shape == (64, 64, 10)
+    with pytest.raises(DicomSeriesError, match="made-up affine"):
+        save_nifti(volume, tmp_path / "x.nii.gz")
+
+
+# ---------------------------------------------------------------- TCIA: one volume per series, header geometry
+
+
+def test_tcia_studies_load_one_volume_per_series_with_header_geometry(dicom_brain_tumor_progression_path):
+    index = scan_folder(dicom_brain_tumor_progression_path)
+    assert len(index.studies) == 2 and len(index.all_series()) == 10 and not index.refused
+    for series in index.all_series():
+        volume = load_series(series)
+        datasets = {str(d.SOPInstanceUID): d for d in (pydicom.dcmread(p) for p in series.paths)}
+        assert volume.array.shape[2] == len(series.instances)
+        assert volume.geometry == "patient" and not [w for w in volume.warnings if "gap" in w]
+        for k, uid in enumerate(volume.sop_instance_uids):
+            ds = datasets[uid]
+            ipp = np.array([float(v) for v in ds.ImagePositionPatient])
+            np.testing.assert_allclose(volume.affine_lps @ [0, 0, k, 1], np.append(ipp, 1), atol=1e-3)
+            np.testing.assert_allclose(volume.array[:, :, k].T, ds.pixel_array * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0)), rtol=1e-6)
+        iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+        np.testing.assert_allclose(volume.direction[:, 0], iop[:3], atol=1e-5)
+        np.testing.assert_allclose(volume.direction[:, 1], iop[3:], atol=1e-5)
+        np.testing.assert_allclose(volume.spacing_mm[:2], [float(ds.PixelSpacing[1]), float(ds.PixelSpacing[0])])
+
+
+def test_slices_are_sorted_by_position_not_file_name(dicom_brain_tumor_progression_path, tmp_path):
+    src = sorted((dicom_brain_tumor_progression_path / TCIA_SERIES).glob("*.dcm"))
+    reference = load_series(src)
+    rng = np.random.default_rng(0)
+    for i, p in enumerate(rng.permutation(len(src))):
+        nested = tmp_path / f"d{i % 3}"
+        nested.mkdir(exist_ok=True)
+        os.symlink(src[p], nested / f"IMG{i:03d}")
+    (tmp_path / "README.txt").write_text("not dicom")
+    shuffled = load_series(tmp_path)
+    assert np.array_equal(shuffled.array, reference.array)
+    assert np.allclose(shuffled.affine_lps, reference.affine_lps)
+    normal = reference.direction[:, 2]
+    positions = [float(f.position @ normal) for f in reference.frames]
+    assert positions == sorted(positions)
+
+
+# ---------------------------------------------------------------- geometry edge cases (synthetic from real files)
+
+
+def _copy_series(src_dir: Path, dst: Path, edit=None, skip=()):
+    dst.mkdir(parents=True, exist_ok=True)
+    for i, path in enumerate(sorted(src_dir.glob("*.dcm"))):
+        if i in skip:
+            continue
+        ds = pydicom.dcmread(path)
+        if edit:
+            edit(i, ds)
+        ds.save_as(dst / path.name)
+    return dst
+
+
+def test_gap_is_reported_and_strict_mode_refuses(dicom_brain_tumor_progression_path, tmp_path):
+    src = dicom_brain_tumor_progression_path / TCIA_SERIES
+    by_position = [Path(f.path).name for f in load_series(src).frames]
+    names = sorted(p.name for p in src.glob("*.dcm"))
+    # Drop two slices adjacent in space (file names do not follow position).
+    series = _copy_series(src, tmp_path / "s", skip={names.index(by_position[10]), names.index(by_position[11])})
+    volume = load_series(series)
+    assert volume.array.shape[2] == 20
+    assert any("gap" in w and "2 slice(s) missing" in w for w in volume.warnings)
+    with pytest.raises(DicomSeriesError, match="gap"):
+        load_series(series, strict=True)
+
+
+def test_duplicate_positions_are_refused(dicom_brain_tumor_progression_path, tmp_path):
+    def same_position(i, ds):
+        if i == 5:
+            ds.ImagePositionPatient = pydicom.dcmread(next(iter(sorted((dicom_brain_tumor_progression_path / TCIA_SERIES).glob("*.dcm"))[4:5]))).ImagePositionPatient
+
+    series = _copy_series(dicom_brain_tumor_progression_path / TCIA_SERIES, tmp_path / "s", edit=same_position)
+    with pytest.raises(DicomSeriesError, match="more than once"):
+        load_series(series)
+
+
+def test_slightly_non_orthogonal_orientation_is_accepted_and_reported(dicom_brain_tumor_progression_path, tmp_path):
+    def nudge(i, ds):
+        iop = [float(v) for v in ds.ImageOrientationPatient]
+        iop[4] += 2e-5  # the rounding real scanners write
+        ds.ImageOrientationPatient = [f"{v:.8f}" for v in iop]
+
+    volume = load_series(_copy_series(dicom_brain_tumor_progression_path / TCIA_SERIES, tmp_path / "s", edit=nudge))
+    assert any("orthonormal" in w for w in volume.warnings)
+    d = volume.direction
+    assert abs(d[:, 0] @ d[:, 1]) < 1e-12
+
+
+def test_orientation_beyond_tolerance_and_mixed_planes_are_refused(dicom_brain_tumor_progression_path, tmp_path):
+    with pytest.raises(DicomSeriesError, match="not orthonormal"):
+        check_orientation(np.array([1, 0, 0, 0.05, 1, 0.0]), "x")
+    assert ORTHOGONALITY_TOLERANCE < 0.05
+
+    def localizer(i, ds):
+        if i == 0:
+            ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+
+    series = _copy_series(dicom_brain_tumor_progression_path / TCIA_SERIES, tmp_path / "s", edit=localizer)
+    with pytest.raises(DicomSeriesError, match="different orientations"):
+        load_series(series)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def broken_files(tmp_path_factory, dicom_brain_tumor_progression_path, dicom_dicom2nifti_generic_path, dicom_dcmqi_path):
+    """Five broken files, one per failure kind, built from real files."""
+    out = tmp_path_factory.mktemp("broken")
+    good = sorted((dicom_brain_tumor_progression_path / "Study2/14-T1post-22014").glob("*.dcm"))[0]
+    data = good.read_bytes()
+    (out / "truncated_pixels.dcm").write_bytes(data[: len(data) // 3])
+    (out / "truncated_header.dcm").write_bytes(data[:900])
+    (out / "no_preamble.dcm").write_bytes(data[132:])
+    ds = pydicom.dcmread(good)
+    del ds.PixelData
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(out / "no_pixels.dcm")
+    jls = bytearray((dicom_dicom2nifti_generic_path / "compressed_jpegls/001/IM-0001-0001-0001.dcm").read_bytes())
+    soi = jls.find(b"\xff\xd8")
+    jls[soi:soi + 200] = bytes(200)
+    (out / "undecodable.dcm").write_bytes(bytes(jls))
+    return out
+
+
+def test_each_kind_of_bad_input_gets_a_typed_error_naming_file_and_reason(broken_files, dicom_dcmqi_path):
+    from medai.io.dicom import decode_frames, read_dataset
+
+    cases = {
+        "truncated_pixels.dcm": (DicomReadError, "truncated"),
+        "truncated_header.dcm": (DicomReadError, "truncated or malformed"),
+        "no_preamble.dcm": (DicomReadError, "preamble"),
+        "no_pixels.dcm": (DicomNoPixelDataError, "no Pixel Data"),
+        "undecodable.dcm": (DicomDecodeError, "JPEG-LS"),
+    }
+    for name, (error, words) in cases.items():
+        path = broken_files / name
+        with pytest.raises(error) as info:
+            decode_frames(read_dataset(path), path)
+        assert str(path) in str(info.value) and words in str(info.value), str(info.value)
+    with pytest.raises(DicomNotImageError, match="Comprehensive SR"):
+        load_series(dicom_dcmqi_path / "sr-example" / "sr.dcm")
+    # A raw dataset without preamble is readable when asked for explicitly.
+    assert read_dataset(broken_files / "no_preamble.dcm", allow_no_preamble=True).Modality == "MR"
+
+
+def test_odd_vr_is_refused(dicom_brain_tumor_progression_path, tmp_path):
+    data = bytearray(sorted((dicom_brain_tumor_progression_path / TCIA_SERIES).glob("*.dcm"))[0].read_bytes())
+    at = data.find(b"\x08\x00\x60\x00CS")  # Modality, explicit VR
+    data[at + 4:at + 6] = b"QQ"
+    (tmp_path / "odd.dcm").write_bytes(bytes(data))
+    with pytest.raises(DicomReadError, match="Unknown Value Representation"):
+        describe_file(tmp_path / "odd.dcm")
+
+
+def test_folder_of_100_good_and_5_broken_files_loses_nothing(dicom_brain_tumor_progression_path, broken_files, tmp_path):
+    good = []
+    for series_dir in sorted((dicom_brain_tumor_progression_path / "Study1").iterdir()):
+        good += sorted(series_dir.glob("*.dcm"))
+    good = good[:100]
+    for i, path in enumerate(good):
+        target = tmp_path / f"sub{i % 4}" / f"{i:04d}"
+        target.parent.mkdir(exist_ok=True)
+        os.symlink(path, target)
+    for path in broken_files.iterdir():
+        shutil.copy(path, tmp_path / path.name)
+    result = load_folder(tmp_path)
+    assert result.files_seen == 105
+    assert result.slices_loaded == 100
+    assert sorted(Path(r.path).name for r in result.refused) == sorted(p.name for p in broken_files.iterdir())
+    assert all(r.reason for r in result.refused)
+
+
+def test_no_patient_identifiers_in_logs_or_errors(dicom_brain_tumor_progression_path, broken_files, caplog, tmp_path):
+    caplog.set_level(logging.DEBUG, logger="medai")
+    ds = pydicom.dcmread(sorted((dicom_brain_tumor_progression_path / TCIA_SERIES).glob("*.dcm"))[0])
+    identifiers = [str(ds.PatientID), str(ds.PatientName)]
+    shutil.copytree(broken_files, tmp_path / "b")
+    messages = [r.reason for r in load_folder(tmp_path / "b").refused] + [r.getMessage() for r in caplog.records]
+    assert messages
+    for text in messages:
+        assert not any(i and i in text for i in identifiers), text
+
+
+# ---------------------------------------------------------------- windowing, CLI
+
+
+def test_windowing_follows_the_dicom_linear_formula_and_presets():
+    values = np.array([-1000.0, 10.0, 40.0, 70.0, 1000.0])
+    out = apply_window(values, *CT_WINDOW_PRESETS["brain"])
+    assert out[0] == 0 and out[-1] == 1 and abs(out[2] - (0.5 + 0.5 / 79)) < 1e-6
+    assert 0 < out[1] < out[2] < out[3] <= 1
+
+
+def test_header_window_is_used_for_display(dicom_brain_tumor_progression_path):
+    volume = load_series(dicom_brain_tumor_progression_path / TCIA_SERIES)
+    center, width = volume.metadata["window_center_width"]
+    shown = window_volume(volume)
+    assert shown.min() >= 0 and shown.max() <= 1
+    inside = (volume.array > center - width / 2) & (volume.array < center + width / 2 - 1)
+    assert np.all((shown[inside] > 0) & (shown[inside] < 1))
+
+
+def test_cli_scan_convert_info(dicom_dcmqi_path, tmp_path):
+    from typer.testing import CliRunner
+
+    from medai.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["dicom", "scan", str(dicom_dcmqi_path), "--json"])
+    assert result.exit_code == 0, result.output
+    index = json.loads(result.output)
+    assert len(index["refused"]) == 3 and all(r["reason"] for r in index["refused"])
+    out = tmp_path / "ct.nii.gz"
+    result = runner.invoke(app, ["dicom", "convert", str(dicom_dcmqi_path / "segmentations" / "ct-3slice"), str(out)])
+    assert result.exit_code == 0, result.output
+    assert nib.load(out).shape == (512, 512, 3)
+    result = runner.invoke(app, ["dicom", "info", str(dicom_dcmqi_path / "segmentations" / "ct-3slice" / "01.dcm")])
+    assert result.exit_code == 0 and "decode ok" in result.output
+    result = runner.invoke(app, ["dicom", "info", str(dicom_dcmqi_path / "segmentations" / "liver_seg.nrrd")])
+    assert result.exit_code == 1 and "not a DICOM file" in " ".join(result.output.split())
+
+
+# ---------------------------------------------------------------- syntaxes the shared DICOM folder lacks
+
+
+def test_jpeg_baseline_decodes_close_to_the_uncompressed_copy(wsi_dicom_google_path):
+    lossy = describe_file(wsi_dicom_google_path / "jpeg.dicom")
+    assert lossy["decodes"] and "JPEG Baseline" in lossy["transfer_syntax"]
+    from medai.io.dicom import decode_frames, read_dataset
+
+    jpeg, _ = decode_frames(read_dataset(wsi_dicom_google_path / "jpeg.dicom"), "jpeg")
+    raw, _ = decode_frames(read_dataset(wsi_dicom_google_path / "raw.dicom"), "raw")
+    assert jpeg.shape == raw.shape == (12, 256, 256, 3)
+    assert np.abs(jpeg.astype(int) - raw.astype(int)).mean() < 3  # lossy, but the same picture
+
+
+def test_deflate_and_reencoded_syntaxes_decode_identically(dicom_dcm_qa_ts_path, tmp_path):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
+
+    source = dicom_dcm_qa_ts_path / "1.dcm"
+    reference = load_series(source).array
+    ds = pydicom.dcmread(source)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "deflate.dcm", enforce_file_format=True)
+    assert np.array_equal(load_series(tmp_path / "deflate.dcm").array, reference)
+    for uid in (RLELossless, JPEGLSLossless, JPEG2000Lossless):
+        ds = pydicom.dcmread(source)
+        ds.compress(uid)
+        ds.save_as(tmp_path / f"{uid}.dcm")
+        assert np.array_equal(load_series(tmp_path / f"{uid}.dcm").array, reference), uid.name
+
+
+def test_a_decoder_is_installed_for_every_transfer_syntax_named_in_the_issue():
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import (
+        HTJ2K, RLELossless, HTJ2KLossless, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit,
+        JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless, DeflatedExplicitVRLittleEndian,
+    )
+
+    for uid in (DeflatedExplicitVRLittleEndian, RLELossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1,
+                JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2K):
+        if uid == DeflatedExplicitVRLittleEndian:
+            continue  # inflated by pydicom's reader, then native
+        assert get_decoder(uid).is_available, uid.name
+
+
+def test_voi_lut_path_matches_our_window_formula(dicom_brain_tumor_progression_path):
+    from medai.io.dicom import apply_voi_lut_frame
+
+    path = sorted((dicom_brain_tumor_progression_path / TCIA_SERIES).glob("*.dcm"))[10]
+    ds = pydicom.dcmread(path)
+    shown = apply_voi_lut_frame(path)  # pydicom's VOI LUT: output spans the stored value range
+    first = lambda v: float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)  # noqa: E731
+    center, width = first(ds.WindowCenter), first(ds.WindowWidth)
+    values = ds.pixel_array * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+    lo = -(2 ** (int(ds.BitsStored) - 1)) if ds.PixelRepresentation else 0
+    hi = 2 ** (int(ds.BitsStored) - (1 if ds.PixelRepresentation else 0)) - 1
+    ours = apply_window(values, center, width) * (hi - lo) + lo
+    np.testing.assert_allclose(shown, ours, atol=(hi - lo) * 1e-4)

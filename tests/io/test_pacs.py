@@ -1,0 +1,132 @@
+"""PACS through a real Orthanc on loopback: round trip TCIA -> STOW/QIDO/WADO -> measurement -> SEG+SR -> back."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+
+from medai.errors import PacsError
+from medai.io.dicom import load_series
+from medai.io.pacs import DicomWebPacs, DimsePacs, ping
+from medai.results.dicom_seg import SegmentSpec, read_segmentation, segmentation_to_volume, write_segmentation
+from medai.results.dicom_sr import MeasurementGroupSpec, MeasurementSpec, measurements_from_report, write_measurement_report
+
+pytestmark = pytest.mark.orthanc
+
+SERIES = "Study2/14-T1post-22014"
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of a 1D sample (the fixed measurement of the round trip)."""
+    hist, edges = np.histogram(values, bins=bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers) / np.maximum(w0, 1)
+    m1 = (np.sum(hist * centers) - np.cumsum(hist * centers)) / np.maximum(w1, 1)
+    return float(centers[np.argmax(w0 * w1 * (m0 - m1) ** 2)])
+
+
+def test_round_trip_through_orthanc(orthanc, dicom_brain_tumor_progression_path, tmp_path):
+    pacs = DicomWebPacs(orthanc.dicomweb_url)
+    source = sorted((dicom_brain_tumor_progression_path / SERIES).glob("*.dcm"))
+    assert pacs.store(source) == len(source)
+
+    header = pydicom.dcmread(source[0], stop_before_pixels=True)
+    studies = pacs.search_studies(PatientID=str(header.PatientID))
+    assert [s["StudyInstanceUID"] for s in studies] == [str(header.StudyInstanceUID)]
+    series = pacs.search_series(str(header.StudyInstanceUID), Modality="MR")
+    assert any(s["SeriesInstanceUID"] == str(header.SeriesInstanceUID) for s in series)
+    files = pacs.retrieve_series(str(header.StudyInstanceUID), str(header.SeriesInstanceUID), tmp_path / "wado")
+    assert len(files) == len(source)
+    volume = load_series(tmp_path / "wado")
+    reference = load_series(source)
+    assert np.array_equal(volume.array, reference.array)
+    np.testing.assert_allclose(volume.affine_lps, reference.affine_lps)
+
+    # Fixed measurement: foreground (head) by Otsu threshold, its volume in mL.
+    mask = volume.array > otsu_threshold(volume.array.ravel())
+    volume_ml = float(mask.sum() * np.prod(volume.spacing_mm) / 1000.0)
+    assert 500 < volume_ml < 5000  # a head section 24 x 6.5 mm thick (scalp included): 0.5-5 L
+    seg_path = write_segmentation(mask.astype(np.uint8), volume, [SegmentSpec(1, "Head", "Head")], tmp_path / "seg.dcm")
+    sr_path = write_measurement_report(
+        volume, [MeasurementGroupSpec("head", "Head", [MeasurementSpec("Volume", volume_ml, "ml", "milliliter")], segment_number=1)],
+        tmp_path / "sr.dcm", segmentation=seg_path,
+    )
+    assert pacs.store([seg_path, sr_path]) == 2
+
+    results = {s["Modality"]: s for s in pacs.search_series(str(header.StudyInstanceUID))}
+    assert {"MR", "SEG", "SR"} <= set(results)
+    seg_back = pacs.retrieve_series(str(header.StudyInstanceUID), results["SEG"]["SeriesInstanceUID"], tmp_path / "seg_back")
+    sr_back = pacs.retrieve_series(str(header.StudyInstanceUID), results["SR"]["SeriesInstanceUID"], tmp_path / "sr_back")
+    import highdicom as hd
+
+    seg_ds = hd.seg.segread(seg_back[0])  # highdicom parses and validates the SEG structure
+    assert seg_ds.number_of_segments == 1
+    assert np.array_equal(segmentation_to_volume(read_segmentation(seg_back[0]), volume)[..., 0], mask)
+    sr_ds = hd.sr.srread(sr_back[0])
+    assert measurements_from_report(sr_back[0]) == [{"concept": "Volume", "value": pytest.approx(volume_ml), "unit": "ml"}]
+    assert sr_ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+    if shutil.which("dciodvfy"):
+        from medai.results.validate import dciodvfy
+
+        for path in (seg_back[0], sr_back[0]):
+            assert dciodvfy(path).ok, dciodvfy(path).errors
+
+
+def test_dimse_echo_find_store_move(orthanc, dicom_dcmqi_path, tmp_path):
+    peer = DimsePacs("127.0.0.1", orthanc.dicom_port, called_ae=orthanc.aet, calling_ae=orthanc.move_aet)
+    assert peer.echo().ok
+    ct = sorted((dicom_dcmqi_path / "segmentations" / "ct-3slice").glob("*.dcm"))
+    assert peer.store(ct) == 3
+    header = pydicom.dcmread(ct[0], stop_before_pixels=True)
+    found = peer.find("SERIES", StudyInstanceUID=str(header.StudyInstanceUID))
+    assert [f["SeriesInstanceUID"] for f in found] == [str(header.SeriesInstanceUID)]
+    moved = peer.move_series(str(header.StudyInstanceUID), str(header.SeriesInstanceUID), tmp_path, port=orthanc.move_port)
+    assert len(moved) == 3
+    assert np.array_equal(load_series(moved).array, load_series(ct).array)
+
+
+def test_ping_explains_what_is_wrong(orthanc, orthanc_with_auth):
+    assert ping(orthanc.dicomweb_url).ok
+    assert ping(f"dicom://{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}").ok
+    wrong_ae = ping(f"dicom://NOT_ORTHANC@127.0.0.1:{orthanc.dicom_port}")
+    assert not wrong_ae.ok and "AE title" in wrong_ae.detail
+    assert "404" in ping(f"{orthanc.rest_url}/wrong-root").detail
+    assert "connection refused" in ping("http://127.0.0.1:9/dicom-web").detail
+    assert "does not resolve" in ping("http://no-such-host.invalid/dicom-web").detail
+    tls = ping(f"https://127.0.0.1:{orthanc.http_port}/dicom-web")
+    assert not tls.ok and "plain HTTP" in tls.detail
+    unauthorised = ping(orthanc_with_auth.dicomweb_url)
+    assert not unauthorised.ok and "401" in unauthorised.detail
+    assert ping(orthanc_with_auth.dicomweb_url, username="medai", password="secret").ok
+    assert "secret" not in ping(orthanc_with_auth.dicomweb_url.replace("http://", "http://medai:wrong@")).url
+
+
+def test_cli_pacs_ping_and_push(orthanc, dicom_dcmqi_path):
+    from typer.testing import CliRunner
+
+    from medai.cli import app
+
+    runner = CliRunner()
+    ok = runner.invoke(app, ["pacs", "ping", orthanc.dicomweb_url])
+    assert ok.exit_code == 0 and "OK" in ok.output
+    bad = runner.invoke(app, ["pacs", "ping", "http://127.0.0.1:9/dicom-web"])
+    assert bad.exit_code == 1 and "refused" in bad.output
+    pushed = runner.invoke(app, ["pacs", "push", orthanc.dicomweb_url, str(dicom_dcmqi_path / "segmentations" / "ct-3slice")])
+    assert pushed.exit_code == 0 and "stored 3" in pushed.output
+
+
+def test_stow_failure_is_a_pacs_error(orthanc_with_auth, dicom_dcmqi_path):
+    pacs = DicomWebPacs(orthanc_with_auth.dicomweb_url)
+    with pytest.raises(PacsError, match="401"):
+        pacs.store(sorted((dicom_dcmqi_path / "segmentations" / "ct-3slice").glob("*.dcm")))
+
+
+def test_unregistered_ae_cannot_store(orthanc, dicom_dcmqi_path):
+    stranger = DimsePacs("127.0.0.1", orthanc.dicom_port, called_ae=orthanc.aet, calling_ae="STRANGER")
+    with pytest.raises(PacsError):
+        stranger.store(sorted((dicom_dcmqi_path / "segmentations" / "ct-3slice").glob("*.dcm"))[:1])
