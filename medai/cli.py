@@ -15,6 +15,10 @@ data_app = typer.Typer(help="Shared data: list and verify.", no_args_is_help=Tru
 models_app = typer.Typer(help="Registered models.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
+ehr_app = typer.Typer(help="EHR timelines: ingest FHIR / MIMIC / MEDS, summarise.", no_args_is_help=True)
+app.add_typer(ehr_app, name="ehr")
+
+
 dicom_app = typer.Typer(help="DICOM files: scan, convert, inspect, de-identify.", no_args_is_help=True)
 pacs_app = typer.Typer(help="PACS over DICOMweb (QIDO/WADO/STOW) or DIMSE: ping, search, pull, push.", no_args_is_help=True)
 app.add_typer(dicom_app, name="dicom")
@@ -170,6 +174,66 @@ def models_list(pattern: str = typer.Argument("*", help="Shell-style pattern."))
     for name in list_models(pattern):
         e = model_entry(name)
         table.add_row(name, e.family, ", ".join(e.pretrained) or "-", e.card or "-")
+    console.print(table)
+
+
+@ehr_app.command("ingest")
+def ehr_ingest(
+    paths: list[Path] = typer.Argument(..., help="FHIR Bundles/NDJSON files or folders, MIMIC table folders, MEDS folders."),
+    out: Path = typer.Option(..., "--out", help="Folder for patients/visits/events/refused Parquet tables."),
+    meds: bool = typer.Option(False, "--meds", help="Also write a MEDS copy under OUT/meds."),
+    not_after: Optional[str] = typer.Option(None, help="Refuse events after this ISO date (default: now, UTC)."),
+) -> None:
+    """Read EHR sources into timeline tables and report every refused resource with its id and reason."""
+    from datetime import datetime, timezone
+
+    from medai.io.ehr import ingest, to_meds
+
+    limit = datetime.fromisoformat(not_after).replace(tzinfo=timezone.utc) if not_after else None
+    tables = ingest(paths, not_after=limit, progress=True)
+    tables.write(out)
+    if meds:
+        to_meds(tables, out / "meds")
+    _print_ehr_summary(tables.summary(), out)
+    if tables.refused.height:
+        console.print(f"refused rows are listed with id and reason in {out / 'refused.csv'}")
+
+
+@ehr_app.command("summary")
+def ehr_summary(folder: Path = typer.Argument(..., help="A folder written by `medai ehr ingest`.")) -> None:
+    """Print patients, visits, events per kind and code system, the date range and refusals."""
+    from medai.io.ehr import EHRTables
+
+    _print_ehr_summary(EHRTables.read(folder).summary(), folder)
+
+
+@ehr_app.command("experiment")
+def ehr_experiment(
+    config: Path = typer.Argument(..., help="An EHR experiment YAML (configs/ehr_mimic_demo.yaml)."),
+    override: list[str] = typer.Option([], "--override", "-o", help="key.sub=value (YAML value)."),
+) -> None:
+    """Pretrain + multitask fine-tune EHRMamba and the Transformer baseline, fit the bag-of-codes baselines; print the table."""
+    from pipelines.ehr import load_experiment_config, run_ehr_experiment
+
+    cfg = load_experiment_config(config, override)
+    run_ehr_experiment(cfg)
+    console.print((cfg.output_dir / "report.md").read_text())
+    console.print(f"report: {cfg.output_dir / 'report.json'}; explanation: {cfg.output_dir / 'explanation.md'}")
+
+
+def _print_ehr_summary(summary: dict, where: Path) -> None:
+    console.print(f"{where}: {summary['patients']} patients, {summary['visits']} visits, {summary['events']} events, "
+                  f"{summary['refused']} refused")
+    console.print(f"date range (UTC): {summary['first_time']} .. {summary['last_time']}")
+    table = Table(title="events")
+    for col in ("group", "name", "events"):
+        table.add_column(col)
+    for name, n in summary["events_per_kind"].items():
+        table.add_row("kind", name, str(n))
+    for name, n in summary["events_per_system"].items():
+        table.add_row("code system", name, str(n))
+    for name, n in summary["refused_by_reason"].items():
+        table.add_row("refused", name, str(n))
     console.print(table)
 
 
