@@ -1,8 +1,8 @@
 """End to end: models run on the Triton kernels (MEDAI_KERNELS=triton, interpreter on CPU) and match the reference path.
 
 Covers the issue's acceptance: a MedViT forward, an ACMIL forward/backward on a 5k-instance bag
-(real SICAPv2 features: all bags concatenated, repeated to 5,000 instances) and a Mamba-stack forward (the core
-EHRMamba is built on; EHRMamba itself is not on main yet). Tolerances: fp32, 1e-4 relative on
+(real SICAPv2 features: all bags concatenated, repeated to 5,000 instances), a Mamba-stack forward and an
+EHRMamba forward (classification logits and next-token pretraining loss, right-padded batch). Tolerances: fp32, 1e-4 relative on
 logits and gradients (kernels and references accumulate in a different order).
 """
 
@@ -83,3 +83,36 @@ def test_mamba_stack_forward_matches_reference(monkeypatch):
         reference = _on_backend(monkeypatch, "reference", lambda: stack(tokens))
         triton = _on_backend(monkeypatch, "triton", lambda: stack(tokens))
     torch.testing.assert_close(triton, reference, **TOL)
+
+
+def test_ehrmamba_forward_matches_reference(monkeypatch):
+    """EHRMamba (embeddings -> Mamba stack -> heads) on the Triton selective scan equals the reference path."""
+    from medai.transforms.ehr import pad_batch
+
+    rng = np.random.default_rng(0)
+
+    def item(length: int) -> dict[str, np.ndarray]:
+        return {
+            "input_ids": rng.integers(1, 120, length),
+            "type_ids": rng.integers(0, 14, length),
+            "time_stamps": (70000 + np.cumsum(rng.random(length))).astype(np.float32),
+            "ages": np.full(length, 58.0, np.float32),
+            "visit_orders": np.arange(length) // 16,
+            "visit_segments": (np.arange(length) // 16) % 2 + 1,
+        }
+
+    batch = pad_batch([item(70), item(41)])  # right padding exercises the mask
+    torch.manual_seed(0)
+    model = models.create_model("ehrmamba_small", d_model=32, n_layers=2, time_embeddings_size=8, vocab_size=120,
+                                num_labels=3, dropout=0.0).eval()
+    import kernels.selective_scan as scan_kernel
+
+    calls = []
+    original = scan_kernel.selective_scan
+    monkeypatch.setattr(scan_kernel, "selective_scan", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.no_grad():
+        reference = _on_backend(monkeypatch, "reference", lambda: (model(batch), model.pretraining_loss(batch)))
+        triton = _on_backend(monkeypatch, "triton", lambda: (model(batch), model.pretraining_loss(batch)))
+    assert calls, "EHRMamba did not reach the Triton selective-scan kernel"
+    torch.testing.assert_close(triton[0], reference[0], **TOL)
+    torch.testing.assert_close(triton[1], reference[1], **TOL)
