@@ -62,18 +62,21 @@ def doctor() -> None:
 @app.command()
 def demo(
     output_dir: Path = typer.Option(Path("runs/demo"), help="Where the demo run is written."),
-    epochs: int = typer.Option(3, help="Epochs of the short demo fine-tune."),
+    epochs: Optional[int] = typer.Option(None, help="Override the bundled config's epochs (default: as configured)."),
 ) -> None:
-    """Run the main job on the bundled defaults: preflight, a short BreastMNIST fine-tune, its evaluation."""
+    """Run the main job on the bundled defaults: preflight, BreastMNIST fine-tuning, its evaluation."""
     from medai.utils import repo_root
     from pipelines.finetune import finetune as run_finetune
     from pipelines.finetune import load_train_config
 
     doctor()
     config = repo_root() / "configs" / "breastmnist_resnet18.yaml"
-    cfg = load_train_config(config, [f"output_dir={output_dir}", f"trainer.epochs={epochs}", "model.name=resnet10t",
-                                     "run_name=breastmnist-resnet10t-demo", "trainer.n_boot=200"])
-    console.print(f"Fine-tuning {cfg.model.name} on {cfg.data.path} for {epochs} epochs (resumes if interrupted)...")
+    overrides = [f"output_dir={output_dir}", "run_name=breastmnist-resnet18-demo"]
+    if epochs is not None:
+        overrides.append(f"trainer.epochs={epochs}")
+    cfg = load_train_config(config, overrides)
+    console.print(f"Fine-tuning {cfg.model.name} on {cfg.data.path} ({config.name}, up to {cfg.trainer.epochs} epochs; "
+                  "re-running resumes an interrupted run)...")
     result = run_finetune(cfg)
     if result.test_report:
         for name, m in result.test_report["metrics"].items():
