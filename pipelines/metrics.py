@@ -173,12 +173,7 @@ def text_metrics(predictions: list[str], references: list[str]) -> dict[str, flo
 
     bleu = float(bleu_score(predictions, [[r] for r in references]))
     rouge = rouge_score(predictions, references, rouge_keys="rougeL")
-    exact = float(np.mean([normalise_answer(p) == normalise_answer(r) for p, r in zip(predictions, references)]))
+    from medai.io.vqa_rad import normalize_answer
+
+    exact = float(np.mean([normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)]))
     return {"bleu": bleu, "rougeL_f1": float(rouge["rougeL_fmeasure"]), "exact_match": exact}
-
-
-def normalise_answer(text: str) -> str:
-    """Lower-case, strip punctuation and whitespace (closed-question answers 'Yes.' == 'yes')."""
-    import re
-
-    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
