@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from abc import ABC, abstractmethod
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -131,7 +132,7 @@ def _float_or_none(value: Any) -> float | None:
     return out if math.isfinite(out) and out > 0 else None
 
 
-class WholeSlide:
+class WholeSlide(ABC):
     """A whole-slide image opened by one backend; use `open_slide` to get one."""
 
     backend = "base"
@@ -148,13 +149,15 @@ class WholeSlide:
     level_downsamples: tuple[float, ...]
     properties: dict[str, str]
 
+    @abstractmethod
     def _read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
     ) -> np.ndarray:
-        raise NotImplementedError
+        """Read RGBA/RGB pixels of `size` at `location` (level-0 coordinates) from `level`."""
 
+    @abstractmethod
     def _vendor_mpp(self) -> tuple[float | None, float | None]:
-        raise NotImplementedError
+        """Return (mpp_x, mpp_y) in µm/px as the scanner recorded it, or None where absent."""
 
     def _associated(self) -> dict[str, Callable[[], Any]]:
         return {}
