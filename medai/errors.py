@@ -62,12 +62,16 @@ class OptionalDependencyError(MedaiError, ImportError):
         super().__init__(f"{feature} needs the optional package '{package}': {hint}")
 
 
-class DicomError(MedaiError):
-    """A DICOM file or series cannot be used; names the file (never patient identifiers) and the reason."""
+class InputFileError(MedaiError):
+    """An input file cannot be used; the message is '<path>: <reason>' (never patient identifiers)."""
 
     def __init__(self, path: str | Path, reason: str):
         self.path, self.reason = Path(path), reason
         super().__init__(f"{path}: {reason}")
+
+
+class DicomError(InputFileError):
+    """A DICOM file or series cannot be used; names the file (never patient identifiers) and the reason."""
 
 
 class DicomReadError(DicomError):

@@ -37,7 +37,7 @@ from typing import Any, Iterable, Iterator
 
 import polars as pl
 
-from medai.errors import MedaiError
+from medai.errors import InputFileError, MedaiError
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +132,8 @@ class FhirValidationError(EHRError, ValueError):
         super().__init__(f"{where}{resource_type}/{resource_id or '<no id>'}: " + "; ".join(messages))
 
 
-class EHRTableError(EHRError, ValueError):
+class EHRTableError(EHRError, InputFileError, ValueError):
     """A MIMIC-style table or MEDS file is missing columns or unreadable; names the file."""
-
-    def __init__(self, path: str | Path, reason: str):
-        self.path, self.reason = Path(path), reason
-        super().__init__(f"{path}: {reason}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from medai.errors import DatasetNotFoundError, MedaiError
+from medai.errors import DatasetNotFoundError, InputFileError
 
 Task = Literal["binary", "multiclass", "multilabel", "ordinal"]
 SPLITS = ("train", "val", "test")
@@ -22,12 +22,8 @@ SPLITS = ("train", "val", "test")
 KNOWN_TASKS: dict[str, Task] = {"retinamnist": "ordinal", "chestmnist": "multilabel"}
 
 
-class DatasetFormatError(MedaiError, ValueError):
+class DatasetFormatError(InputFileError, ValueError):
     """A dataset file is present but not in the expected format; names the file and the problem."""
-
-    def __init__(self, path: str | Path, reason: str):
-        self.path = Path(path)
-        super().__init__(f"{path}: {reason}")
 
 
 @dataclass

@@ -24,18 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from medai.errors import DatasetNotFoundError, MedaiError
+from medai.errors import DatasetNotFoundError, InputFileError
 from medai.utils import optional_import
 
 log = logging.getLogger(__name__)
 
 
-class MILDataError(MedaiError, ValueError):
+class MILDataError(InputFileError, ValueError):
     """A MIL bag file is malformed; names the file and the problem."""
-
-    def __init__(self, path: str | Path, reason: str):
-        self.path, self.reason = Path(path), reason
-        super().__init__(f"{path}: {reason}")
 
 
 @dataclass

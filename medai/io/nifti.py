@@ -7,18 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from medai.errors import DatasetNotFoundError, MedaiError
+from medai.errors import DatasetNotFoundError, InputFileError
 from medai.utils import optional_import
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
-class NiftiReadError(MedaiError, ValueError):
+class NiftiReadError(InputFileError, ValueError):
     """A NIfTI file cannot be read or has unusable geometry; names the file."""
-
-    def __init__(self, path: str | Path, reason: str):
-        self.path = Path(path)
-        super().__init__(f"{path}: {reason}")
 
 
 @dataclass

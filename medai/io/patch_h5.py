@@ -32,18 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from medai.errors import MedaiError
+from medai.errors import InputFileError, MedaiError
 from medai.utils import optional_import
 
 COORDS_ATTRS = ("patch_size", "patch_level", "patch_size_level0", "level0_mpp", "mpp")
 
 
-class PatchFileError(MedaiError):
+class PatchFileError(InputFileError):
     """A patch coordinates/features HDF5 file is missing, incomplete or malformed; names the file."""
-
-    def __init__(self, path: str | Path, reason: str):
-        self.path, self.reason = Path(path), reason
-        super().__init__(f"{path}: {reason}")
 
 
 @dataclass

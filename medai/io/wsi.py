@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from medai.errors import MedaiError
+from medai.errors import InputFileError, MedaiError
 from medai.utils import optional_import
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,8 @@ SLIDE_SUFFIXES = (
 )
 
 
-class WSIError(MedaiError):
+class WSIError(InputFileError):
     """A whole-slide image problem; names the file and what is wrong."""
-
-    def __init__(self, path: str | Path, reason: str):
-        self.path, self.reason = Path(path), reason
-        super().__init__(f"{path}: {reason}")
 
 
 class WSIOpenError(WSIError):
