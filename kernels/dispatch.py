@@ -1,7 +1,8 @@
 """Choose, per call, between an op's Triton kernel and its PyTorch reference.
 
 Rules (MEDAI_KERNELS = auto | triton | reference, default auto):
-- auto: the Triton kernel for CUDA tensors when Triton imports, the reference elsewhere;
+- auto: on CUDA tensors an op's installed third-party peer kernel when it has one (mamba-ssm's
+  fused scan), else the Triton kernel when Triton imports; the reference elsewhere;
 - triton: the Triton kernel on any device; on CPU this needs TRITON_INTERPRET=1 set before
   the kernel modules are imported (that is how CPU tests exercise kernels);
 - reference: always the PyTorch reference.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -20,7 +22,7 @@ import torch
 from medai.errors import MedaiError
 from medai.registry import Registry
 
-Backend = Literal["triton", "reference"]
+Backend = Literal["triton", "reference", "peer"]
 MODES = ("auto", "triton", "reference")
 
 
@@ -30,15 +32,20 @@ class KernelUnavailableError(MedaiError, RuntimeError):
 
 @dataclass(frozen=True)
 class KernelOp:
-    """One op: a reference and an optional Triton implementation, as 'module:function' paths."""
+    """One op: a reference, an optional Triton kernel and an optional CUDA peer, as 'module:function' paths.
+
+    The peer is another project's fused CUDA kernel with the same call signature (mamba-ssm's
+    `selective_scan_fn`); auto mode prefers it on CUDA when its package is installed.
+    """
 
     name: str
     reference: str
     triton: str | None = None
+    peer: str | None = None
 
     def load(self, backend: Backend) -> Callable:
         """Import and return the implementation for `backend`."""
-        target = self.reference if backend == "reference" else self.triton
+        target = {"reference": self.reference, "triton": self.triton, "peer": self.peer}[backend]
         if target is None:
             raise KernelUnavailableError(f"op '{self.name}' has no {backend} implementation")
         module, _, attr = target.partition(":")
@@ -48,9 +55,9 @@ class KernelOp:
 OPS: Registry[KernelOp] = Registry("kernel op")
 
 
-def register_op(name: str, reference: str, triton: str | None = None) -> KernelOp:
+def register_op(name: str, reference: str, triton: str | None = None, peer: str | None = None) -> KernelOp:
     """Register an op by the import paths of its implementations."""
-    return OPS.add(name, KernelOp(name, reference, triton))
+    return OPS.add(name, KernelOp(name, reference, triton, peer))
 
 
 def kernel_mode() -> str:
@@ -76,6 +83,13 @@ def triton_available() -> bool:
     return True
 
 
+def peer_installed(op: KernelOp) -> bool:
+    """True when the op has a peer kernel and its top-level package is installed (not imported here)."""
+    if op.peer is None:
+        return False
+    return importlib.util.find_spec(op.peer.partition(":")[0].split(".")[0]) is not None
+
+
 def select_backend(op_name: str, device: torch.device | str) -> Backend:
     """Return which implementation of `op_name` runs for tensors on `device` under the current setting."""
     op = OPS.get(op_name)
@@ -94,6 +108,8 @@ def select_backend(op_name: str, device: torch.device | str) -> Backend:
                 "(set before medai's kernels are imported)"
             )
         return "triton"
+    if device.type == "cuda" and peer_installed(op):
+        return "peer"
     if device.type == "cuda" and op.triton is not None and triton_available():
         return "triton"
     return "reference"
@@ -111,7 +127,9 @@ def backend_report(device: torch.device | str = "cpu") -> dict[str, str]:
     report = {}
     for name in OPS:
         try:
-            report[name] = select_backend(name, device)
+            backend = select_backend(name, device)
+            peer = OPS.get(name).peer
+            report[name] = f"peer ({peer.partition(':')[0].split('.')[0]})" if backend == "peer" and peer else backend
         except KernelUnavailableError as exc:
             report[name] = f"unavailable: {exc}"
     return report

@@ -19,6 +19,7 @@ register_op(
     "selective_scan",
     reference="kernels.selective_scan_ref:selective_scan_chunked",
     triton="kernels.selective_scan:selective_scan",
+    peer="mamba_ssm.ops.selective_scan_interface:selective_scan_fn",
 )
 
 
@@ -41,13 +42,6 @@ def selective_scan(
     installed and MEDAI_KERNELS=auto, mamba-ssm's fused kernel runs; otherwise medai's kernel or
     its chunked PyTorch reference (kernels/selective_scan_ref.py).
     """
-    from kernels.dispatch import kernel_mode
-    from medai.utils import is_installed
-
-    if u.device.type == "cuda" and kernel_mode() == "auto" and is_installed("mamba_ssm"):
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-
-        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     return dispatch("selective_scan", u.device)(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
     )

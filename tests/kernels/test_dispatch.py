@@ -7,6 +7,8 @@ from kernels.dispatch import OPS, KernelOp, KernelUnavailableError, dispatch, re
 
 OP = "_dispatch_probe"
 WITHOUT_TRITON = "_dispatch_probe_ref_only"
+WITH_PEER = "_dispatch_probe_with_peer"  # 'json' stands in for an installed peer package
+WITH_MISSING_PEER = "_dispatch_probe_with_missing_peer"
 
 
 def reference_impl(x):
@@ -21,9 +23,13 @@ def triton_impl(x):
 def probe_ops():
     register_op(OP, reference=f"{__name__}:reference_impl", triton=f"{__name__}:triton_impl")
     register_op(WITHOUT_TRITON, reference=f"{__name__}:reference_impl")
+    register_op(WITH_PEER, reference=f"{__name__}:reference_impl", triton=f"{__name__}:triton_impl",
+                peer="json:dumps")
+    register_op(WITH_MISSING_PEER, reference=f"{__name__}:reference_impl", triton=f"{__name__}:triton_impl",
+                peer="medai_no_such_package.ops:fn")
     yield
-    OPS._entries.pop(OP)
-    OPS._entries.pop(WITHOUT_TRITON)
+    for name in (OP, WITHOUT_TRITON, WITH_PEER, WITH_MISSING_PEER):
+        OPS._entries.pop(name)
 
 
 @pytest.mark.parametrize(
@@ -78,3 +84,32 @@ def test_dispatch_calls_the_selected_implementation(monkeypatch):
 def test_registering_twice_is_an_error():
     with pytest.raises(KeyError, match="already registered"):
         register_op(OP, reference=f"{__name__}:reference_impl")
+
+
+@pytest.mark.parametrize(
+    "op,mode,device,expected",
+    [
+        (WITH_PEER, "auto", "cuda", "peer"),
+        (WITH_PEER, "auto", "cpu", "reference"),
+        (WITH_PEER, "triton", "cuda", "triton"),
+        (WITH_PEER, "reference", "cuda", "reference"),
+        (WITH_MISSING_PEER, "auto", "cuda", "triton"),
+    ],
+)
+def test_installed_peer_wins_on_cuda_in_auto_mode_only(monkeypatch, op, mode, device, expected):
+    monkeypatch.setenv("MEDAI_KERNELS", mode)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert select_backend(op, device) == expected
+
+
+def test_report_names_the_peer_package(monkeypatch):
+    import json
+
+    from kernels.dispatch import backend_report
+
+    monkeypatch.setenv("MEDAI_KERNELS", "auto")
+    report = backend_report("cuda")
+    assert report[WITH_PEER] == "peer (json)"
+    assert report[WITH_MISSING_PEER] == "triton"
+    assert report["selective_scan"] in ("triton", "peer (mamba_ssm)")
+    assert OPS.get(WITH_PEER).load("peer") is json.dumps
