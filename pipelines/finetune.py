@@ -540,6 +540,11 @@ class Trainer:
             meta = run_metadata(cfg, self.world)
             meta["resumed"] = resumed
             meta["data_info"] = {k: v for k, v in self.data.info.items() if k != "model_kwargs"}
+            previous = self.run_dir / "run.json"
+            if resumed and previous.is_file():
+                # The first start's commit and versions stay traceable after any number of resumes.
+                earlier = json.loads(previous.read_text())
+                meta["earlier_starts"] = earlier.pop("earlier_starts", []) + [earlier]
             write_json(self.run_dir / "run.json", meta)
         if self.state["finished"]:
             log.info("%s already finished", self.run_dir)

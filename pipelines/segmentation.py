@@ -33,20 +33,16 @@ NNUNET_TASK04_DICE = {"anterior": 0.90, "posterior": 0.89}
 
 
 # ---------------------------------------------------------------- split and records
+def _pairs(dataset_dir: str | Path) -> dict[str, dict[str, Path]]:
+    """{case id: {'image', 'label'}} for the labelled cases of an images/ + labels/ folder (.nii or .nii.gz)."""
+    from medai.io.nifti import pair_nifti_folder
+
+    return {pair["id"]: pair for pair in pair_nifti_folder(dataset_dir)}
+
+
 def list_cases(dataset_dir: str | Path) -> list[str]:
-    """Case ids (file stems) that have both images/<id>.nii.gz and labels/<id>.nii.gz."""
-    root = Path(dataset_dir)
-    images = root / "images"
-    if not images.is_dir():
-        raise DatasetNotFoundError(images, "expected an MSD-style folder with images/ and labels/")
-    cases = []
-    for path in sorted(images.glob("*.nii.gz")):
-        case = path.name[: -len(".nii.gz")]
-        if (root / "labels" / path.name).is_file():
-            cases.append(case)
-        else:
-            log.warning("%s has no label file; left out of the split", path)
-    return cases
+    """Case ids (file stems) that have both images/<id>.nii[.gz] and labels/<id>.nii[.gz], sorted."""
+    return sorted(_pairs(dataset_dir))
 
 
 def make_split(dataset_dir: str | Path, val_fraction: float = 0.2, seed: int = 0) -> dict[str, Any]:
@@ -88,17 +84,40 @@ def read_split(path: str | Path) -> dict[str, list[str]]:
 
 def case_records(dataset_dir: str | Path, cases: Sequence[str], with_label: bool = True) -> list[dict[str, str]]:
     """MONAI data dicts {'image', 'label', 'case'} for the given case ids."""
-    root = Path(dataset_dir)
+    pairs = _pairs(dataset_dir)
     records = []
     for case in cases:
-        record = {"case": case, "image": str(root / "images" / f"{case}.nii.gz")}
+        if case not in pairs:
+            raise DatasetNotFoundError(Path(dataset_dir) / "images" / f"{case}.nii.gz", f"case {case} (image and label)")
+        record = {"case": case, "image": str(pairs[case]["image"])}
         if with_label:
-            record["label"] = str(root / "labels" / f"{case}.nii.gz")
-        for key in ("image", "label"):
-            if key in record and not Path(record[key]).is_file():
-                raise DatasetNotFoundError(record[key], f"case {case}")
+            record["label"] = str(pairs[case]["label"])
         records.append(record)
     return records
+
+
+def discover_labels(dataset_dir: str | Path, cases: Sequence[str] | None = None) -> dict[int, str]:
+    """Foreground labels {value: name}: from an MSD `dataset.json` when present, else the values in the label files."""
+    root = Path(dataset_dir)
+    manifest = root / "dataset.json"
+    if manifest.is_file():
+        names = json.loads(manifest.read_text()).get("labels", {})
+        found = {int(k): str(v) for k, v in names.items() if int(k) != 0}
+        if found:
+            return found
+    import nibabel as nib
+
+    pairs = _pairs(root)
+    values: set[int] = set()
+    for case in cases if cases is not None else sorted(pairs):
+        data = np.asanyarray(nib.load(str(pairs[case]["label"])).dataobj)
+        if not np.allclose(data, np.round(data)):
+            raise InvalidVolumeError(pairs[case]["label"], "label volume holds non-integer values")
+        values.update(int(v) for v in np.unique(data))
+    foreground = sorted(v for v in values if v != 0)
+    if not foreground:
+        raise InvalidVolumeError(root / "labels", "no foreground label in any label volume")
+    return {value: f"label_{value}" for value in foreground}
 
 
 # ---------------------------------------------------------------- inference and metrics
@@ -424,7 +443,7 @@ def format_summary(result: dict[str, Any]) -> str:
 
 __all__ = [
     "HIPPOCAMPUS_LABELS", "NNUNET_TASK04_DICE", "SegTrainConfig", "case_records",
-    "evaluate_segmentation", "format_summary", "label_metrics", "list_cases", "make_split", "predict_dicom_series", "predict_volume",
+    "discover_labels", "evaluate_segmentation", "format_summary", "label_metrics", "list_cases", "make_split", "predict_dicom_series", "predict_volume",
     "read_split", "save_overlay_montage", "sliding_window_logits", "summarize_cases", "train_segmentation",
     "write_split",
 ]

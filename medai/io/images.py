@@ -26,7 +26,7 @@ def read_image(path: str | Path, channels: int) -> np.ndarray:
 
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("L" if channels == 1 else "RGB"))
+            return np.array(image.convert("L" if channels == 1 else "RGB"))  # writable: torch.from_numpy needs it
     except (OSError, UnidentifiedImageError) as exc:
         raise DatasetFormatError(path, f"unreadable image ({exc})") from exc
 

@@ -2,14 +2,16 @@
 
 Training items are random ROI crops (MONAI transforms, Dice + cross-entropy loss); validation
 items are whole volumes, scored by sliding-window inference with Gaussian blending, Dice and
-HD95 (mm) per label. The split comes from a committed JSON file (`pipelines.segmentation`).
+HD95 (mm) per label. Any images/ + labels/ NIfTI folder works by file: without a split file the
+cases are split by the run's seed (and the split is kept in the run's info), without configured
+labels they come from the folder's `dataset.json` or the values in its label volumes.
 Crops are drawn from a generator seeded by (seed, epoch, item), so resume is exact.
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipelines.segmentation import case_records, label_metrics, read_split, sliding_window_logits
+from pipelines.segmentation import (
+    case_records,
+    discover_labels,
+    label_metrics,
+    make_split,
+    read_split,
+    sliding_window_logits,
+)
 from pipelines.tasks import Task, TaskData, register_task
 
 
@@ -26,10 +35,11 @@ from pipelines.tasks import Task, TaskData, register_task
 class SegmentationOptions:
     """`data.options` of the segmentation task."""
 
-    split_file: Path = Path("configs/splits/msd_task04_hippocampus.json")
+    split_file: Path | None = None  # None: a seeded split of the folder's labelled cases
+    val_fraction: float = 0.2  # used only without a split file
     roi_size: tuple[int, int, int] = (32, 48, 32)
     spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    labels: dict[int, str] = field(default_factory=lambda: {1: "anterior", 2: "posterior"})
+    labels: dict[int, str] | None = None  # None: from dataset.json or the label volumes
     overlap: float = 0.5  # sliding-window overlap at validation
     val_cases: int = 0  # 0: every validation case
 
@@ -40,7 +50,7 @@ class VolumeDataset(Dataset):
     def __init__(self, records: list[dict[str, str]], options: SegmentationOptions, train: bool, seed: int):
         from medai.transforms.volume import segmentation_transforms
 
-        labels = (0, *options.labels)
+        labels = (0, *labels_of(options))
         preprocess = segmentation_transforms("val", options.roi_size, options.spacing_mm, labels=labels)
         # Volumes are small (MSD hippocampus: ~60k voxels); loading once keeps epochs cheap.
         self.items = [preprocess(r) for r in records]
@@ -88,14 +98,21 @@ class SegmentationTask(Task):
     def setup(self, data_cfg: Any, seed: int) -> TaskData:
         """Read the split file and load train/val volumes from `data.path` (an MSD task folder)."""
         opts: SegmentationOptions = self.options
-        split = read_split(opts.split_file)
+        if opts.split_file is not None:
+            split = read_split(opts.split_file)
+        else:
+            split = make_split(data_cfg.path, opts.val_fraction, seed)
+        if opts.labels is None:
+            opts.labels = discover_labels(data_cfg.path, split["train"])
         val_cases = split["val"][: opts.val_cases] if opts.val_cases else split["val"]
         datasets = {
             "train": VolumeDataset(case_records(data_cfg.path, split["train"]), opts, True, seed),
             "val": VolumeDataset(case_records(data_cfg.path, val_cases), opts, False, seed),
         }
         info = {
-            "labels": {int(k): v for k, v in opts.labels.items()},
+            "labels": labels_of(opts),
+            "split": {"source": str(opts.split_file) if opts.split_file else f"seeded split (seed {seed})",
+                      "train": split["train"], "val": split["val"]},
             "roi_size": list(opts.roi_size),
             "cases": {name: ds.cases for name, ds in datasets.items()},
             "model_kwargs": {"in_channels": 1, "out_channels": 1 + len(opts.labels)},
@@ -119,7 +136,7 @@ class SegmentationTask(Task):
         """Per-volume Dice and HD95 (mm) of every label, and the item index."""
         logits = sliding_window_logits(model, batch["image"], self.options.roi_size, self.options.overlap)
         prediction = logits.argmax(1)
-        labels = {int(k): v for k, v in self.options.labels.items()}
+        labels = labels_of(self.options)
         # Volumes were resampled to options.spacing_mm, so that is the voxel size HD95 uses.
         rows = [label_metrics(prediction[i].cpu(), batch["label"][i, 0].cpu(), list(self.options.spacing_mm), labels)
                 for i in range(prediction.shape[0])]
@@ -137,6 +154,13 @@ class SegmentationTask(Task):
         dice = [v for k, v in result.items() if k.startswith("dice_")]
         result["dice_mean"] = float(np.mean(dice)) if dice else float("nan")
         return result
+
+
+def labels_of(options: SegmentationOptions) -> dict[int, str]:
+    """The configured or discovered foreground labels as {int value: name}."""
+    if options.labels is None:
+        raise ValueError("segmentation labels are not known yet (SegmentationTask.setup discovers them)")
+    return {int(k): v for k, v in options.labels.items()}
 
 
 def _collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

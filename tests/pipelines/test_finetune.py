@@ -101,6 +101,7 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, breastmnist_
     ref_run = ref_dir / "runs" / "classification-resnet10t-seed7"
     cut_run = cut_dir / "runs" / "classification-resnet10t-seed7"
     assert json.loads((cut_run / "run.json").read_text())["resumed"] is True
+    assert json.loads((cut_run / "run.json").read_text())["earlier_starts"][0]["resumed"] is False
     a = load_file(ref_run / "checkpoints" / "last" / "model.safetensors")
     b = load_file(cut_run / "checkpoints" / "last" / "model.safetensors")
     assert a.keys() == b.keys()
@@ -157,6 +158,33 @@ def test_other_medmnist_file_by_override(tmp_path, shared_data):
     info = json.loads((result.run_dir / "run.json").read_text())["data_info"]
     assert info["task_type"] == "binary" and info["channels"] == 1
     assert sum(info["class_counts_train"]) == 2428
+
+
+def test_folder_of_images_with_a_labels_csv(tmp_path, breastmnist_path):
+    """Real BreastMNIST images written as PNG files + a CSV with label names and splits train through the engine."""
+    from PIL import Image
+
+    data = np.load(breastmnist_path)
+    names = {0: "malignant", 1: "benign_or_normal"}  # BreastMNIST: 0 malignant, 1 normal + benign
+    rows = ["file,diagnosis,fold"]
+    for split, count in (("train", 40), ("val", 12), ("test", 12)):
+        images, labels = data[f"{split}_images"][:count], data[f"{split}_labels"][:count, 0]
+        for i, (image, label) in enumerate(zip(images, labels)):
+            name = f"png/{split}_{i:03d}.png"
+            (tmp_path / "png").mkdir(exist_ok=True)
+            Image.fromarray(image).save(tmp_path / name)
+            rows.append(f"{name},{names[int(label)]},{split}")
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    path = write_config(tmp_path, csv_path, epochs=1, limit_train_batches=1, n_boot=20)
+    cfg = load_train_config(path, ["data.options.image_column=file", "data.options.label_column=diagnosis",
+                                   "data.options.split_column=fold", "data.options.image_size=32"])
+    result = finetune(cfg)
+    info = json.loads((result.run_dir / "run.json").read_text())["data_info"]
+    assert info["class_names"] == ["benign_or_normal", "malignant"] and info["task_type"] == "binary"
+    expected = np.bincount([int(names[int(l)] == "malignant") for l in data["train_labels"][:40, 0]], minlength=2)
+    assert info["class_counts_train"] == expected.tolist() and info["channels"] == 3
+    assert "auroc" in result.test_report["metrics"]
 
 
 def test_epoch_sampler_is_a_function_of_seed_and_epoch():

@@ -125,6 +125,41 @@ def test_engine_trains_the_segmentation_task(msd_hippocampus_path, tmp_path):
     assert (result.run_dir / "checkpoints" / "best" / "model.safetensors").is_file()
 
 
+def test_nifti_folder_trains_by_file_without_split_or_label_config(msd_hippocampus_path, tmp_path):
+    """An images/ + labels/ folder (mixed .nii and .nii.gz) needs no split file and no label names."""
+    import nibabel as nib
+
+    from pipelines.finetune import finetune, load_train_config
+    from pipelines.segmentation import discover_labels, list_cases
+
+    folder = tmp_path / "task"
+    for sub in ("images", "labels"):
+        (folder / sub).mkdir(parents=True)
+    cases = list_cases(msd_hippocampus_path)[:5]
+    for case in cases[:-1]:
+        for sub in ("images", "labels"):
+            (folder / sub / f"{case}.nii.gz").symlink_to(msd_hippocampus_path / sub / f"{case}.nii.gz")
+    for sub in ("images", "labels"):  # one case stored uncompressed
+        nib.save(nib.load(str(msd_hippocampus_path / sub / f"{cases[-1]}.nii.gz")), str(folder / sub / f"{cases[-1]}.nii"))
+    (folder / "images" / "hippocampus_999.nii.gz").symlink_to(msd_hippocampus_path / "images" / "hippocampus_001.nii.gz")
+    assert discover_labels(folder) == {1: "label_1", 2: "label_2"}  # unlabelled hippocampus_999 is left out
+
+    cfg = load_train_config(
+        "configs/hippocampus_umamba_bot_3d.yaml",
+        [f"data.path={folder}", "data.options.split_file=null", "data.options.labels=null", f"output_dir={tmp_path}",
+         "model.name=dynunet_3d", "model.kwargs.features=[4, 8, 8]", "data.options.roi_size=[16, 16, 16]",
+         "trainer.epochs=1"],
+    )
+    result = finetune(cfg)
+    info = json.loads((result.run_dir / "run.json").read_text())["data_info"]
+    assert info["labels"] == {"1": "label_1", "2": "label_2"}
+    assert sorted(info["split"]["train"] + info["split"]["val"]) == sorted(cases) and len(info["split"]["val"]) == 1
+    assert "val_dice_label_1" in result.history[-1]
+
+    (folder / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "Anterior", "2": "Posterior"}}))
+    assert discover_labels(folder) == {1: "Anterior", 2: "Posterior"}
+
+
 def test_dicom_series_prediction_is_written_as_dicom_seg(dicom_dcmqi_path, tmp_path):
     from medai.io.dicom import load_series
     from medai.results.dicom_seg import read_segmentation
