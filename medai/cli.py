@@ -408,8 +408,15 @@ app.add_typer(mil_app, name="mil")
 
 
 def main() -> None:
-    """Console entry point."""
-    app()
+    """Console entry point: medai's own errors (bad config, missing data, unreadable input) print one line, exit 2."""
+    from medai.errors import MedaiError
+
+    try:
+        app()
+    except MedaiError as exc:
+        # The message already names the file and what is wrong; a traceback would only bury it.
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
