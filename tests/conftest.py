@@ -1,9 +1,11 @@
-"""Shared fixtures: the real data root and per-dataset paths (skip only when truly absent)."""
+"""Shared fixtures: the real data root and per-dataset paths (skip only when truly absent), system tools."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -37,3 +39,25 @@ def dataset_fixture(name: str):
 
 for _name in DATASETS:
     globals()[f"_fixture_{_name}"] = dataset_fixture(_name)
+
+
+def system_tools_required() -> bool:
+    """True under CI (CI set, not 0/false) or MEDAI_REQUIRE_SYSTEM_TOOLS=1: a missing system program fails."""
+    ci = os.environ.get("CI", "").strip().lower()
+    return ci not in ("", "0", "false", "no") or os.environ.get("MEDAI_REQUIRE_SYSTEM_TOOLS") == "1"
+
+
+def system_tool_missing(reason: str) -> NoReturn:
+    """Fail (CI, MEDAI_REQUIRE_SYSTEM_TOOLS=1) or skip the test, saying what is missing and how to install it."""
+    message = f"{reason}; install it with `make system-deps`"
+    if system_tools_required():
+        pytest.fail(f"{message} (required here: CI or MEDAI_REQUIRE_SYSTEM_TOOLS=1 is set)", pytrace=False)
+    pytest.skip(message)
+
+
+def require_system_tool(name: str) -> str:
+    """Return the path of system program `name` (Orthanc, dciodvfy, ...); fail or skip when it is not on PATH."""
+    path = shutil.which(name)
+    if path is None:
+        system_tool_missing(f"system program '{name}' not found on PATH")
+    return path

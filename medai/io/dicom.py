@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -130,7 +131,7 @@ def read_dataset(path: str | Path, *, stop_before_pixels: bool = False, allow_no
         with open(path, "rb") as fh:
             head = fh.read(132)
         if len(head) >= 132 and head[128:132] == b"DICM":
-            raise DicomReadError(path, f"malformed file meta information: {exc}") from exc
+            raise DicomReadError(path, f"malformed file meta information ({_value_free(exc)})") from None
         if _looks_like_raw_dicom(head):
             raise DicomReadError(
                 path,
@@ -139,20 +140,51 @@ def read_dataset(path: str | Path, *, stop_before_pixels: bool = False, allow_no
             ) from exc
         raise DicomReadError(path, "not a DICOM file (no 'DICM' prefix)") from exc
     except (EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
-        raise DicomReadError(path, f"truncated or malformed header ({type(exc).__name__}: {exc})") from exc
+        raise DicomReadError(path, f"truncated or malformed header ({_value_free(exc)})") from None
     if allow_no_preamble and "SOPClassUID" not in ds:
         raise DicomReadError(path, "not a DICOM file (no SOP Class UID)")
-    try:
-        # Convert every public top-level element now so that odd VRs and bad lengths fail here, at the
-        # boundary. Private elements and sequence contents stay raw (parsing them all triples load time).
-        for tag in list(ds.keys()):
-            if tag != 0x7FE00010 and not tag.is_private:
-                _ = ds[tag].value
-    except Exception as exc:  # pydicom raises many types for bad values
-        raise DicomReadError(path, f"malformed element ({type(exc).__name__}: {exc})") from exc
+    # Convert every public top-level element now so that odd VRs and bad lengths fail here, at the
+    # boundary. Private elements and sequence contents stay raw (parsing them all triples load time).
+    for tag in list(ds.keys()):
+        if tag == 0x7FE00010 or tag.is_private:
+            continue
+        try:
+            _ = ds[tag].value
+        except Exception as exc:  # pydicom raises many types for bad values
+            # pydicom's message quotes the raw value (a name, an ID): name the element, drop the cause.
+            raise DicomReadError(path, _malformed_element_reason(ds, tag, exc)) from None
     if not stop_before_pixels:
         _check_pixel_element_complete(ds, path, size)
     return ds
+
+
+# Quoted literals ('...', "...", b'...') in library exception text: where pydicom echoes element values.
+_QUOTED_LITERAL = re.compile(r"""b?'(?:[^'\\]|\\.)*'|b?"(?:[^"\\]|\\.)*\"""", re.DOTALL)
+_VR_CODE = re.compile(r"[A-Z]{2}")
+
+
+def _value_free(exc: BaseException) -> str:
+    """Return 'ExceptionType: message' with every quoted literal withheld, so no element value is echoed."""
+    return f"{type(exc).__name__}: {_QUOTED_LITERAL.sub('<value withheld>', str(exc))}"
+
+
+def _malformed_element_reason(ds, tag, exc: BaseException) -> str:
+    """Return why an element does not parse, naming its tag, keyword and VR but never its value."""
+    from pydicom.datadict import keyword_for_tag
+    from pydicom.errors import BytesLengthException
+
+    vr = getattr(ds.get_item(tag), "VR", None)
+    vr = vr if isinstance(vr, str) and _VR_CODE.fullmatch(vr) else "?"
+    if isinstance(exc, NotImplementedError) and "Unknown Value Representation" in str(exc):
+        fault = f"Unknown Value Representation '{vr}'"
+    elif isinstance(exc, BytesLengthException):
+        fault = f"value length is not a multiple of the {vr} item size"
+    elif isinstance(exc, (ValueError, TypeError)):
+        fault = f"value does not parse as VR {vr}"
+    else:
+        fault = f"VR {vr} value unreadable"
+    keyword = keyword_for_tag(tag) or "unknown keyword"
+    return f"malformed element {tag} {keyword}: {fault} ({type(exc).__name__}; value not shown)"
 
 
 def _looks_like_raw_dicom(head: bytes) -> bool:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +140,47 @@ def test_monochrome1_is_inverted_and_ybr_converted(dicom_pydicom_data_path):
     assert palette.photometric == "RGB" and palette.array.shape == (800, 600, 1, 3)
 
 
+# Lossy copies may differ from the original by at most this mean absolute error, as a fraction of
+# the original's dynamic range (measured: 0.08 % RG3_J2KI 30:1 ... 1.5 % JPEG2000_UNC 2097:1).
+LOSSY_MAE_FRACTION = 0.02
+# NEMA WG04 naming: *_UNCR original, *_J2KR lossless J2K, *_J2KI lossy J2K, *_UNCI the lossy J2K decompressed.
+PIXEL_PAIRS = [
+    # (copy, reference, lossy): lossless copies must be identical to the uncompressed original
+    ("MR2_J2KR", "MR2_UNCR", False),
+    ("693_J2KR", "693_UNCR", False),
+    ("US1_J2KR", "US1_UNCR", False),
+    ("emri_small_RLE", "emri_small", False),
+    ("emri_small_jpeg_ls_lossless", "emri_small", False),
+    ("emri_small_jpeg_2k_lossless", "emri_small", False),
+    ("OBXXXX1A_rle", "OBXXXX1A", False),
+    # a lossy J2K decodes to exactly what NEMA's decompressed copy holds ...
+    ("MR2_J2KI", "MR2_UNCI", False),
+    ("US1_J2KI", "US1_UNCI", False),
+    # ... and close to the original (RG3 and the NM image have no uncompressed original: their lossless copy)
+    ("MR2_J2KI", "MR2_UNCR", True),
+    ("US1_J2KI", "US1_UNCR", True),
+    ("RG3_J2KI", "RG3_J2KR", True),
+    ("693_UNCI", "693_UNCR", True),
+    ("JPEG2000_UNC", "JPEG-LL", True),
+]
+
+
+@pytest.mark.parametrize("copy, reference, lossy", PIXEL_PAIRS, ids=[f"{c}-vs-{r}" for c, r, _ in PIXEL_PAIRS])
+def test_encodings_of_one_image_load_to_the_same_pixels(dicom_pydicom_data_path, copy, reference, lossy):
+    ours = load_series(dicom_pydicom_data_path / f"{copy}.dcm")
+    ref = load_series(dicom_pydicom_data_path / f"{reference}.dcm")
+    assert ours.photometric == ref.photometric and ours.array.dtype == ref.array.dtype
+    assert ours.array.shape == ref.array.shape
+    if not lossy:
+        assert np.array_equal(ours.array, ref.array)
+        return
+    a, b = ours.array.astype(np.float64), ref.array.astype(np.float64)
+    dynamic_range = float(b.max() - b.min())
+    mae_fraction = float(np.abs(a - b).mean()) / dynamic_range
+    assert 0 < mae_fraction < LOSSY_MAE_FRACTION, f"MAE {mae_fraction:.2%} of the dynamic range {dynamic_range}"
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9  # the same picture, not noise of the right size
+
+
 def test_enhanced_ct_geometry_and_rescale_from_functional_groups(dicom_pydicom_data_path):
     path = dicom_pydicom_data_path / "eCT_Supplemental.dcm"
     ds = pydicom.dcmread(path)
@@ -268,10 +311,19 @@ def test_orientation_beyond_tolerance_and_mixed_planes_are_refused(dicom_brain_t
 
 
 @pytest.fixture(scope="module")
-def broken_files(tmp_path_factory, dicom_brain_tumor_progression_path, dicom_dicom2nifti_generic_path, dicom_dcmqi_path):
+def broken_file_sources(dicom_brain_tumor_progression_path, dicom_dicom2nifti_generic_path) -> dict[str, Path]:
+    """The real file each broken file is made from, by broken file name."""
+    mr = sorted((dicom_brain_tumor_progression_path / "Study2/14-T1post-22014").glob("*.dcm"))[0]
+    jls = dicom_dicom2nifti_generic_path / "compressed_jpegls/001/IM-0001-0001-0001.dcm"
+    names = ("truncated_pixels.dcm", "truncated_header.dcm", "no_preamble.dcm", "no_pixels.dcm")
+    return {**{name: mr for name in names}, "undecodable.dcm": jls}
+
+
+@pytest.fixture(scope="module")
+def broken_files(tmp_path_factory, broken_file_sources):
     """Five broken files, one per failure kind, built from real files."""
     out = tmp_path_factory.mktemp("broken")
-    good = sorted((dicom_brain_tumor_progression_path / "Study2/14-T1post-22014").glob("*.dcm"))[0]
+    good = broken_file_sources["no_pixels.dcm"]
     data = good.read_bytes()
     (out / "truncated_pixels.dcm").write_bytes(data[: len(data) // 3])
     (out / "truncated_header.dcm").write_bytes(data[:900])
@@ -280,7 +332,7 @@ def broken_files(tmp_path_factory, dicom_brain_tumor_progression_path, dicom_dic
     del ds.PixelData
     ds.SOPInstanceUID = pydicom.uid.generate_uid()
     ds.save_as(out / "no_pixels.dcm")
-    jls = bytearray((dicom_dicom2nifti_generic_path / "compressed_jpegls/001/IM-0001-0001-0001.dcm").read_bytes())
+    jls = bytearray(broken_file_sources["undecodable.dcm"].read_bytes())
     soi = jls.find(b"\xff\xd8")
     jls[soi:soi + 200] = bytes(200)
     (out / "undecodable.dcm").write_bytes(bytes(jls))
@@ -335,15 +387,105 @@ def test_folder_of_100_good_and_5_broken_files_loses_nothing(dicom_brain_tumor_p
     assert all(r.reason for r in result.refused)
 
 
-def test_no_patient_identifiers_in_logs_or_errors(dicom_brain_tumor_progression_path, broken_files, caplog, tmp_path):
-    caplog.set_level(logging.DEBUG, logger="medai")
-    ds = pydicom.dcmread(sorted((dicom_brain_tumor_progression_path / TCIA_SERIES).glob("*.dcm"))[0])
-    identifiers = [str(ds.PatientID), str(ds.PatientName)]
+# Header attributes that identify a patient (PS3.15 basic profile) and may be present in the shared files.
+IDENTIFYING_KEYWORDS = (
+    "PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames", "PatientAddress",
+    "PatientTelephoneNumbers", "PatientMotherBirthName", "AccessionNumber", "ReferringPhysicianName",
+)
+
+
+def patient_identifiers(path: Path) -> set[str]:
+    """Identifying values in a file's header: each value and each name component of 4+ characters."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    found: set[str] = set()
+    for keyword in IDENTIFYING_KEYWORDS:
+        value = ds.get(keyword)
+        values = value if isinstance(value, pydicom.multival.MultiValue) else [value]
+        for v in values:
+            text = str(v or "").strip()
+            found.update(part for part in (text, *re.split(r"[\\^=]", text)) if len(part) >= 4)
+    return found
+
+
+def messages_about(paths, load_root: Path) -> list[str]:
+    """Every message medai gives about these files: errors with tracebacks, describe_file, refusals (API and CLI).
+
+    The CLI's study index itself lists patient name and ID on purpose (it is what users query); only its
+    refusal reasons are messages.
+    """
+    from typer.testing import CliRunner
+
+    from medai.cli import app
+    from medai.io.dicom import decode_frames, read_dataset
+
+    texts = []
+    for path in paths:
+        for attempt in (lambda: decode_frames(read_dataset(path), path), lambda: describe_file(path)):
+            try:
+                texts.append(str(attempt()))
+            except Exception as exc:  # noqa: BLE001 - every error type's text is checked
+                texts.append("".join(traceback.format_exception(exc)))
+    texts += [f"{r.path}: {r.reason}" for r in load_folder(load_root).refused]
+    scan = CliRunner().invoke(app, ["dicom", "scan", str(load_root), "--json"])
+    texts += [json.dumps(r) for r in json.loads(scan.output)["refused"]]
+    return texts
+
+
+def test_no_patient_identifiers_in_logs_or_errors(broken_files, broken_file_sources, caplog, tmp_path):
+    caplog.set_level(logging.DEBUG)
+    identifiers = set().union(*(patient_identifiers(p) for p in set(broken_file_sources.values())))
+    assert {"PGBM-006", "Thanos^Inevitable", "dicom2nifti"} <= identifiers
+    # The identifiers really are in the broken files, so a message that quoted the header could leak them.
+    contents = [p.read_bytes() for p in broken_files.iterdir()]
+    assert all(any(i.encode() in c for c in contents) for i in identifiers)
     shutil.copytree(broken_files, tmp_path / "b")
-    messages = [r.reason for r in load_folder(tmp_path / "b").refused] + [r.getMessage() for r in caplog.records]
-    assert messages
+    messages = messages_about(sorted((tmp_path / "b").iterdir()), tmp_path / "b")
+    messages += [r.getMessage() for r in caplog.records]
+    assert len(messages) > len(broken_file_sources)
     for text in messages:
-        assert not any(i and i in text for i in identifiers), text
+        leaked = [i for i in identifiers if i in text]
+        assert not leaked, (leaked, text)
+
+
+PLANTED_NAME = "Planted^O'Leary"  # a quote inside, as in real names: quoting must not end early
+
+
+@pytest.mark.parametrize(
+    "keyword, vr, strict_values",
+    [
+        ("PatientName", "US", False),  # a name where a binary VR is declared: wrong length for the VR
+        ("PatientName", "FD", False),
+        ("PatientWeight", "DS", True),  # text that does not parse as its VR (pydicom raising on invalid values)
+        ("SeriesNumber", "IS", True),
+    ],
+)
+def test_malformed_element_errors_name_the_tag_but_never_the_value(
+    dicom_brain_tumor_progression_path, keyword, vr, strict_values, monkeypatch, caplog, tmp_path
+):
+    from pydicom.dataelem import RawDataElement
+    from pydicom.datadict import tag_for_keyword
+
+    from medai.io.dicom import read_dataset
+
+    caplog.set_level(logging.DEBUG)
+    if strict_values:
+        monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.RAISE)
+    ds = pydicom.dcmread(sorted((dicom_brain_tumor_progression_path / TCIA_SERIES).glob("*.dcm"))[0])
+    tag = pydicom.tag.Tag(tag_for_keyword(keyword))
+    value = PLANTED_NAME.encode()
+    ds[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)  # written as is, unparsed
+    (tmp_path / "d").mkdir()
+    path = tmp_path / "d" / "planted.dcm"
+    ds.save_as(path)
+    assert value in path.read_bytes()
+    with pytest.raises(DicomReadError) as info:
+        read_dataset(path)
+    texts = messages_about([path], tmp_path / "d") + [r.getMessage() for r in caplog.records]
+    for text in texts:
+        for part in (PLANTED_NAME, "Planted", "Leary"):
+            assert part not in text, text
+    assert str(tag) in str(info.value) and keyword in str(info.value) and str(path) in str(info.value)
+    assert any(keyword in t for t in texts[2:])  # the folder refusal and the CLI name the element too
 
 
 # ---------------------------------------------------------------- windowing, CLI

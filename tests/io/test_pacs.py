@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pydicom
 import pytest
@@ -13,6 +11,8 @@ from medai.io.dicom import load_series
 from medai.io.pacs import DicomWebPacs, DimsePacs, ping
 from medai.results.dicom_seg import SegmentSpec, read_segmentation, segmentation_to_volume, write_segmentation
 from medai.results.dicom_sr import MeasurementGroupSpec, MeasurementSpec, measurements_from_report, write_measurement_report
+from tests.conftest import require_system_tool
+from tests.io.conftest import start_test_orthanc
 
 pytestmark = pytest.mark.orthanc
 
@@ -70,11 +70,12 @@ def test_round_trip_through_orthanc(orthanc, dicom_brain_tumor_progression_path,
     sr_ds = hd.sr.srread(sr_back[0])
     assert measurements_from_report(sr_back[0]) == [{"concept": "Volume", "value": pytest.approx(volume_ml), "unit": "ml"}]
     assert sr_ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
-    if shutil.which("dciodvfy"):
-        from medai.results.validate import dciodvfy
+    require_system_tool("dciodvfy")
+    from medai.results.validate import dciodvfy
 
-        for path in (seg_back[0], sr_back[0]):
-            assert dciodvfy(path).ok, dciodvfy(path).errors
+    for path in (seg_back[0], sr_back[0]):
+        report = dciodvfy(path)
+        assert report.ok, report.errors
 
 
 def test_dimse_echo_find_store_move(orthanc, dicom_dcmqi_path, tmp_path):
@@ -130,3 +131,23 @@ def test_unregistered_ae_cannot_store(orthanc, dicom_dcmqi_path):
     stranger = DimsePacs("127.0.0.1", orthanc.dicom_port, called_ae=orthanc.aet, calling_ae="STRANGER")
     with pytest.raises(PacsError):
         stranger.store(sorted((dicom_dcmqi_path / "segmentations" / "ct-3slice").glob("*.dcm"))[:1])
+
+
+@pytest.mark.parametrize(
+    "env, fails",
+    [({"CI": "true"}, True), ({"MEDAI_REQUIRE_SYSTEM_TOOLS": "1"}, True), ({}, False), ({"CI": "false"}, False)],
+)
+def test_missing_orthanc_or_dciodvfy_fails_under_ci_and_skips_elsewhere(env, fails, monkeypatch, tmp_path):
+    import tests.io.orthanc
+
+    for name in ("CI", "MEDAI_REQUIRE_SYSTEM_TOOLS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(tests.io.orthanc, "ORTHANC", str(tmp_path / "no-such-Orthanc"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no dciodvfy
+    expected = pytest.fail.Exception if fails else pytest.skip.Exception
+    for check, binary in ((lambda: start_test_orthanc(tmp_path), "Orthanc"), (lambda: require_system_tool("dciodvfy"), "dciodvfy")):
+        with pytest.raises(expected) as info:
+            check()
+        assert binary in str(info.value) and "make system-deps" in str(info.value)

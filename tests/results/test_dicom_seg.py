@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pydicom
 import pytest
@@ -17,8 +15,7 @@ from medai.results.dicom_seg import (
     write_segmentation,
 )
 from medai.results.validate import dciodvfy
-
-needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools (dciodvfy) not installed")
+from tests.conftest import require_system_tool
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +94,8 @@ def test_written_seg_is_coded_with_snomed_and_marked_ai(written):
     assert ds.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"  # SCT Liver
 
 
-@needs_dciodvfy
 def test_written_seg_passes_dciodvfy(written):
+    require_system_tool("dciodvfy")
     for path in written[1:]:
         report = dciodvfy(path)
         assert report.ok, report.errors

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pydicom
 import pytest
@@ -19,6 +17,7 @@ from medai.results.dicom_sr import (
     write_measurement_report,
 )
 from medai.results.validate import dciodvfy
+from tests.conftest import require_system_tool
 
 
 def test_dcmqi_tid1500_report_reads_back(dicom_dcmqi_path):
@@ -55,6 +54,6 @@ def test_written_report_references_seg_marks_device_observer_and_validates(dicom
     seg_uid = str(pydicom.dcmread(seg_path, stop_before_pixels=True).SOPInstanceUID)
     assert any(isinstance(i.value, dict) and i.value.get("sop_instance_uid") == seg_uid and i.value.get("segment_number") == 1 for i in items)
     assert any(i.value_type == "CODE" and i.value[0] == "108369006" and i.value[1] == "SCT" for i in items)
-    if shutil.which("dciodvfy"):
-        report = dciodvfy(sr_path)
-        assert report.ok, report.errors
+    require_system_tool("dciodvfy")
+    report = dciodvfy(sr_path)
+    assert report.ok, report.errors
