@@ -8,8 +8,11 @@ On the generated 50,000 x 50,000 px Aperio-style slide (benchmarks/make_gigapixe
 2. tile pipeline alone (read, decode, resize, batch; no encoder): plain loop vs medai with 0 and 2 workers;
 3. end to end with the encoder (ImageNet EfficientNet-Lite0): plain loop vs medai with 0 and 2 workers;
 4. memory against slide size: the same medai run on a 20,000 px slide, and on twice the patches.
-Every configuration runs in its own process, so each peak RSS (main process; largest worker) is its own;
-each runs `--repeats` times and the fastest run is kept (the machine may be shared), the largest RSS.
+Every configuration runs in its own process, so each peak RSS is its own: the main process's peak RSS
+(getrusage), and the DataLoader workers' memory sampled every 0.1 s while the tiles are encoded (psutil):
+the peak over time of the workers' summed RSS (counts pages they share with the main process once per
+worker) and of their summed USS (memory private to the workers, what they add). Each configuration runs
+`--repeats` times and the fastest run is kept (the machine may be shared), with the largest memory.
 Ratios are against the plain loop measured in the same run; absolute numbers depend on the machine.
 """
 
@@ -22,6 +25,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -31,10 +35,54 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def _peak_rss_mb() -> tuple[float, float]:
-    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return self_kb / 1024, child_kb / 1024
+def _peak_rss_mb() -> float:
+    """Peak RSS of this process in MB.
+
+    RUSAGE_CHILDREN is no measure of the DataLoader workers: it is the peak of the largest single reaped
+    child, and one child is the `ldconfig -p` that `import torch` runs, whose peak is this process's RSS at
+    the fork (about 460 MB here), whatever the workers do; hence WorkerMemory.
+    """
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class WorkerMemory:
+    """Peak summed RSS and USS (MB) of this process's live child processes, sampled in a thread."""
+
+    def __init__(self, interval_s: float = 0.1):
+        from medai.utils import optional_import
+
+        self._psutil = optional_import("psutil", "measuring DataLoader worker memory")
+        self._process = self._psutil.Process()
+        self.interval_s = interval_s
+        self.peak_rss_mb = self.peak_uss_mb = 0.0
+        self.max_workers = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        rss = uss = 0
+        alive = 0
+        for child in self._process.children(recursive=True):
+            try:
+                info = child.memory_full_info()
+            except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
+                continue  # a worker that just exited
+            rss, uss, alive = rss + info.rss, uss + info.uss, alive + 1
+        self.peak_rss_mb = max(self.peak_rss_mb, rss / 2**20)
+        self.peak_uss_mb = max(self.peak_uss_mb, uss / 2**20)
+        self.max_workers = max(self.max_workers, alive)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> "WorkerMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _mean_pool_encoder():
@@ -77,7 +125,11 @@ def child(args: argparse.Namespace) -> None:
     std = torch.tensor(encoder.std, device=device).view(1, 3, 1, 1) * 255
     with torch.inference_mode():  # first forward pass sets up kernels: not part of the throughput
         encoder.model(torch.zeros(2, 3, grid["patch_size"], grid["patch_size"], device=device))
-    with tempfile.TemporaryDirectory() as tmp, h5py.File(Path(tmp) / "f.h5", "w") as handle:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        h5py.File(Path(tmp) / "f.h5", "w") as handle,
+        WorkerMemory() as workers,  # samples the DataLoader workers while the tiles are encoded
+    ):
         sink = handle.create_dataset(
             "features", shape=(len(coords), encoder.feature_dim), dtype=np.float32
         )
@@ -114,15 +166,16 @@ def child(args: argparse.Namespace) -> None:
                 progress=False,
             )
         elapsed = time.perf_counter() - start
-    main_mb, worker_mb = _peak_rss_mb()
     print(
         json.dumps(
             {
                 "tiles": len(coords),
                 "seconds": elapsed,
                 "tiles_per_s": len(coords) / elapsed,
-                "rss_main_mb": main_mb,
-                "rss_worker_mb": worker_mb,
+                "rss_main_mb": _peak_rss_mb(),
+                "rss_workers_mb": workers.peak_rss_mb,
+                "uss_workers_mb": workers.peak_uss_mb,
+                "workers_seen": workers.max_workers,
             }
         )
     )
@@ -138,7 +191,8 @@ def _run_child(
     ]
     best = max(runs, key=lambda r: r["tiles_per_s"])
     best["rss_main_mb"] = max(r["rss_main_mb"] for r in runs)  # memory: the worst run
-    best["rss_worker_mb"] = max(r["rss_worker_mb"] for r in runs)
+    for key in ("rss_workers_mb", "uss_workers_mb"):
+        best[key] = max(r[key] for r in runs)
     return best
 
 
@@ -305,19 +359,21 @@ def main() -> None:
     ]
 
     print(
-        f"\n{'stage':<14} {'configuration':<24} {'tiles':>6} {'tiles/s':>9} {'vs plain':>9} {'RSS main MB':>12} {'RSS worker MB':>14}"
+        f"\n{'stage':<14} {'configuration':<24} {'tiles':>6} {'tiles/s':>9} {'vs plain':>9} {'RSS main MB':>12} "
+        f"{'workers RSS MB':>15} {'workers USS MB':>15}"
     )
     for label, name, res, ratio in rows:
         print(
             f"{label:<14} {name:<24} {res['tiles']:>6} {res['tiles_per_s']:>9.1f} {ratio:>8.2f}x "
-            f"{res['rss_main_mb']:>12.0f} {res['rss_worker_mb']:>14.0f}"
+            f"{res['rss_main_mb']:>12.0f} {res['rss_workers_mb']:>15.0f} {res['uss_workers_mb']:>15.0f}"
         )
     print(
         "\nmemory against slide size and tile count (medai, 2 workers; tile pipeline unless 'encoder'):"
     )
     for name, res in scale_rows:
         print(
-            f"  {name:<44} peak RSS main {res['rss_main_mb']:>6.0f} MB, worker {res['rss_worker_mb']:>6.0f} MB, {res['tiles_per_s']:.1f} tiles/s"
+            f"  {name:<44} peak RSS main {res['rss_main_mb']:>6.0f} MB, workers RSS {res['rss_workers_mb']:>6.0f} MB "
+            f"(USS {res['uss_workers_mb']:>5.0f} MB), {res['tiles_per_s']:.1f} tiles/s"
         )
 
 

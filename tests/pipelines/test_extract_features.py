@@ -245,3 +245,54 @@ def test_local_timm_encoder_checkpoint_plugs_in(tmp_path, wsi_cmu1_small_region_
         build_encoder(
             EncoderConfig(name="timm:test_resnet", pretrained=str(weights))
         )  # wrong architecture
+
+
+def test_extracted_features_are_the_bags_the_mil_task_reads(
+    tmp_path, wsi_cmu1_small_region_path, wsi_dicom_google_path, encoder
+):
+    import h5py
+
+    from medai.io.patch_h5 import read_coords_h5
+    from pipelines.tasks.mil import MILOptions, read_bags
+
+    out = tmp_path / "run"
+    entries = [
+        SlideEntry(wsi_cmu1_small_region_path, "cmu"),
+        SlideEntry(wsi_dicom_google_path / "jpeg2000.dicom", "dicom", target_mpp=32.0),
+    ]
+    summary = run_extraction(entries, _cfg(out), encoder)
+    assert summary["counts"] == {"done": 2}
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\ncmu,1\ndicom,0\n")
+    # the MIL task's own entry point for a folder of HDF5 feature files (CLAM layout)
+    bags = read_bags(out / "features", MILOptions(format="clam_h5", labels_csv=labels))
+    assert [(b.bag_id, b.label) for b in bags] == [("cmu", 1), ("dicom", 0)]
+    for bag in bags:
+        with h5py.File(out / "features" / f"{bag.bag_id}.h5", "r") as handle:
+            written_features, written_coords = handle["features"][()], handle["coords"][()]
+        grid_coords, _ = read_coords_h5(out / "patches" / f"{bag.bag_id}.h5")
+        n = len(grid_coords)
+        assert n > 10 and bag.num_instances == n
+        assert bag.features.shape == (n, encoder.feature_dim) and bag.features.dtype == np.float32
+        assert bag.coords.shape == (n, 2)
+        np.testing.assert_array_equal(bag.features, written_features)
+        np.testing.assert_array_equal(bag.coords, written_coords)
+        np.testing.assert_array_equal(bag.coords, grid_coords)  # the patch stage's grid, row for row
+        assert np.isfinite(bag.features).all() and bag.features.std(axis=0).max() > 0
+
+
+def test_two_workers_give_the_same_features_as_none(tmp_path, wsi_cmu1_small_region_path, encoder):
+    entry = SlideEntry(wsi_cmu1_small_region_path, "cmu")
+    results = {}
+    for workers in (0, 2):
+        out = tmp_path / f"workers{workers}"
+        cfg = _cfg(out)
+        cfg.num_workers = workers
+        summary = run_extraction([entry], cfg, encoder)
+        assert summary["counts"] == {"done": 1}
+        results[workers] = read_patch_features(out / "features" / "cmu.h5")
+    features0, coords0, _ = results[0]
+    features2, coords2, _ = results[2]
+    assert len(coords0) > 32  # more than one batch, so the workers' batches interleave
+    np.testing.assert_array_equal(coords2, coords0)
+    np.testing.assert_allclose(features2, features0, rtol=1e-5, atol=1e-5)
