@@ -18,7 +18,9 @@ heatmaps.
   generator (PPEG) over the bag laid out as a square; the bag is read from its class token.
 
 The gated pool goes through `kernels.ops.gated_attention_pool` (chunked online softmax for big
-bags, a fused Triton kernel on CUDA once issue 11 lands).
+bags, a fused Triton kernel on CUDA). In eval mode the gated-attention models also project the
+instances chunk by chunk, so a 1M x 1024 bag needs the features plus O(K N) scores; TransMIL's
+eval memory is O(N dim) (see `TransMIL`).
 """
 
 from __future__ import annotations
@@ -56,8 +58,12 @@ class AttentionMILConfig:
     diversity_weight: float = 1.0  # weight of the branch diversity loss (ACMIL uses 1)
     aem_lambda: float = 0.0  # AEM attention-entropy weight; 0 turns AEM off
     aem_schedule: Literal["constant", "cosine"] = "constant"
+    # Eval mode projects and pools this many instances at a time (memory only; results are the same).
+    chunk_instances: int = 16384
 
     def __post_init__(self) -> None:
+        if self.chunk_instances < 1:
+            raise ValueError(f"chunk_instances must be >= 1, got {self.chunk_instances}")
         if self.num_branches < 1:
             raise ValueError(f"num_branches must be >= 1, got {self.num_branches}")
         if not 0.0 <= self.mask_drop <= 1.0:
@@ -78,6 +84,13 @@ class TransMILConfig:
     pinv_iterations: int = 6
     residual_kernel: int = 33
     dropout: float = 0.1
+    # Eval mode computes Nystrom attention this many tokens at a time: blocks of heads x landmarks x chunk
+    # (8 x 256 x 4096 fp32 = 32 MiB) instead of two heads x landmarks x N matrices (memory only).
+    chunk_instances: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.chunk_instances < 1:
+            raise ValueError(f"chunk_instances must be >= 1, got {self.chunk_instances}")
 
 
 # --------------------------------------------------------------------------------------
@@ -220,20 +233,29 @@ class AttentionMIL(nn.Module):
             self.classifier = nn.Linear(c.hidden_features * c.num_branches, c.num_classes)
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
-        """Project instance features (N, in_features) to (N, hidden_features)."""
-        return F.relu(self.projection(_as_bag(features)))
+        """Project instance features (N, in_features), cast to the model's dtype, to (N, hidden_features)."""
+        weight = self.projection.weight
+        return F.relu(self.projection(_as_bag(features).to(weight.dtype)))
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Return logits (1, C), branch_logits (K, C) in branch mode, attention (K, N) with STKIM masks at -inf."""
-        h = self.embed(features)
+        """Return logits (1, C), branch_logits (K, C) in branch mode, attention (K, N) with STKIM masks at -inf.
+
+        Training projects the whole bag at once (STKIM needs every score before the pool). Eval mode
+        runs `config.chunk_instances` instances at a time (`pool_in_chunks`), so inference memory is
+        the features plus O(K N) scores whatever N is; both give the same outputs to float rounding.
+        """
         c = self.config
-        mask = None
-        if self.training and c.n_masked_patch > 0 and c.mask_drop > 0:
-            with torch.no_grad():
-                _, raw = self.attention(h)
-            mask = stochastic_topk_mask(raw, c.n_masked_patch, c.mask_drop)
-        pooled, logits = self.attention(h, mask)
-        attention = logits if mask is None else logits.masked_fill(~mask, float("-inf"))
+        if self.training:
+            h = self.embed(features)
+            mask = None
+            if c.n_masked_patch > 0 and c.mask_drop > 0:
+                with torch.no_grad():
+                    _, raw = self.attention(h)
+                mask = stochastic_topk_mask(raw, c.n_masked_patch, c.mask_drop)
+            pooled, logits = self.attention(h, mask)
+            attention = logits if mask is None else logits.masked_fill(~mask, float("-inf"))
+        else:
+            pooled, attention = self.pool_in_chunks(features)
         pooled = self.dropout(pooled)
         if c.head_mode == "branches":
             branch_logits = torch.stack([head(pooled[i]) for i, head in enumerate(self.branch_classifiers)])
@@ -242,16 +264,37 @@ class AttentionMIL(nn.Module):
             return {"logits": slide, "branch_logits": branch_logits, "attention": attention}
         return {"logits": self.classifier(pooled.reshape(1, -1)), "attention": attention}
 
-    @torch.no_grad()
-    def attention_scores(self, features: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-        """Per-branch attention probabilities (K, N), no masking, for heatmaps.
+    def pool_in_chunks(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unmasked pool (pooled (K, hidden), raw logits (K, N)), `config.chunk_instances` instances at a time.
 
-        Runs `chunk` instances at a time, so memory is the features plus O(K N) scores, never
-        the (N, hidden) projection of a whole slide.
+        Each chunk is projected and pooled by `gated_attention_pool`; the chunk results are merged
+        with an online softmax: a chunk's pooled vector is a softmax average over that chunk, so
+        weighting it by exp(chunk log-sum-exp - bag log-sum-exp) gives the bag's softmax average.
+        Peak memory is the features, the (K, N) logits and one chunk's activations, never the
+        (N, hidden) projection of the whole bag (2 GB at 1M x 512 fp32).
         """
         features = _as_bag(features)
-        logits = [self.attention(self.embed(features[s : s + chunk]))[1] for s in range(0, features.shape[0], chunk)]
-        return masked_softmax(torch.cat(logits, dim=1))
+        n, chunk = features.shape[0], self.config.chunk_instances
+        pooled = log_norm = logits = None
+        for start in range(0, n, chunk):
+            chunk_pooled, chunk_logits = self.attention(self.embed(features[start : start + chunk]))
+            if logits is None:
+                # One preallocated (K, N) output rather than a list to concatenate: no second copy.
+                logits = chunk_logits.new_empty((chunk_logits.shape[0], n))
+            logits[:, start : start + chunk] = chunk_logits
+            chunk_log_norm = torch.logsumexp(chunk_logits.float(), dim=1, keepdim=True)  # (K, 1)
+            if pooled is None:
+                pooled, log_norm = chunk_pooled.float(), chunk_log_norm
+                continue
+            merged = torch.logaddexp(log_norm, chunk_log_norm)
+            pooled = pooled * torch.exp(log_norm - merged) + chunk_pooled.float() * torch.exp(chunk_log_norm - merged)
+            log_norm = merged
+        return pooled.to(logits.dtype), logits
+
+    @torch.no_grad()
+    def attention_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-branch attention probabilities (K, N), no masking, for heatmaps; memory as the eval forward."""
+        return masked_softmax(self.pool_in_chunks(features)[1])
 
 
 # --------------------------------------------------------------------------------------
@@ -271,11 +314,18 @@ def _moore_penrose_pinv(x: torch.Tensor, iterations: int) -> torch.Tensor:
 
 
 class NystromAttention(nn.Module):
-    """Nystrom-approximated multi-head self-attention (Xiong et al. 2021), O(N m) for m landmarks."""
+    """Nystrom-approximated multi-head self-attention (Xiong et al. 2021), O(N m) for m landmarks.
 
-    def __init__(self, dim: int, heads: int, landmarks: int, pinv_iterations: int, residual_kernel: int, dropout: float):
+    Training builds the two (heads, N, m) and (heads, m, N) softmax factors in full. Eval mode
+    computes the same product `chunk` tokens at a time: the landmark summary softmax(q_m k^T) v
+    with an online softmax over key chunks, then each query chunk's softmax(q k_m^T) pinv(.) times
+    it, so no (heads, N, m) matrix exists; what stays O(N) is q, k, v and the output (N x dim each).
+    """
+
+    def __init__(self, dim: int, heads: int, landmarks: int, pinv_iterations: int, residual_kernel: int,
+                 dropout: float, chunk: int = 4096):
         super().__init__()
-        self.heads, self.landmarks, self.pinv_iterations = heads, landmarks, pinv_iterations
+        self.heads, self.landmarks, self.pinv_iterations, self.chunk = heads, landmarks, pinv_iterations, chunk
         self.head_dim = dim // heads
         self.scale = self.head_dim**-0.5
         self.to_qkv = nn.Linear(dim, 3 * heads * self.head_dim, bias=False)
@@ -285,8 +335,8 @@ class NystromAttention(nn.Module):
             heads, heads, (residual_kernel, 1), padding=(residual_kernel // 2, 0), groups=heads, bias=False
         )
 
-    def _parts(self, x: torch.Tensor):
-        """Left-pad to a multiple of the landmarks; return q, k, v (B, H, n, d), the pad and attention factors."""
+    def _project(self, x: torch.Tensor):
+        """Left-pad to a multiple of the landmarks; return scaled q, k, v (B, H, n + pad, d), their landmarks and the pad."""
         b, n, _ = x.shape
         m = self.landmarks
         pad = (m - n % m) % m
@@ -298,26 +348,63 @@ class NystromAttention(nn.Module):
         group = q.shape[2] // m
         q_land = q.reshape(b, self.heads, m, group, self.head_dim).mean(dim=3)
         k_land = k.reshape(b, self.heads, m, group, self.head_dim).mean(dim=3)
-        attn1 = torch.softmax(q @ k_land.transpose(-1, -2), dim=-1)  # (B, H, n, m)
-        attn2 = torch.softmax(q_land @ k_land.transpose(-1, -2), dim=-1)  # (B, H, m, m)
-        attn3 = torch.softmax(q_land @ k.transpose(-1, -2), dim=-1)  # (B, H, m, n)
-        return q, k, v, pad, attn1, _moore_penrose_pinv(attn2, self.pinv_iterations), attn3
+        return q, k, v, q_land, k_land, pad
+
+    def _landmark_inverse(self, q_land: torch.Tensor, k_land: torch.Tensor) -> torch.Tensor:
+        """pinv(softmax(q_m k_m^T)): the (B, H, m, m) middle Nystrom factor."""
+        return _moore_penrose_pinv(torch.softmax(q_land @ k_land.transpose(-1, -2), dim=-1), self.pinv_iterations)
+
+    def _landmark_summary(self, q_land: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Return softmax(q_m k^T) @ v (B, H, m, d) and that softmax's log-normaliser (B, H, m, 1), keys in chunks."""
+        b, h, m, d = q_land.shape
+        running_max = q_land.new_full((b, h, m, 1), float("-inf"))
+        running_sum = q_land.new_zeros((b, h, m, 1))
+        summary = q_land.new_zeros((b, h, m, d))
+        for start in range(0, k.shape[2], self.chunk):
+            scores = q_land @ k[:, :, start : start + self.chunk].transpose(-1, -2)  # (B, H, m, chunk)
+            new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
+            rescale = torch.exp(running_max - new_max)
+            weights = torch.exp(scores - new_max)
+            running_sum = running_sum * rescale + weights.sum(dim=-1, keepdim=True)
+            summary = summary * rescale + weights @ v[:, :, start : start + self.chunk]
+            running_max = new_max
+        return summary / running_sum, running_max + torch.log(running_sum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Self-attention over (B, n, dim); output (B, n, dim)."""
         n = x.shape[1]
-        _, _, v, pad, attn1, attn2_inv, attn3 = self._parts(x)
-        out = (attn1 @ attn2_inv) @ (attn3 @ v) + self.residual(v)
+        q, k, v, q_land, k_land, pad = self._project(x)
+        attn2_inv = self._landmark_inverse(q_land, k_land)
+        if self.training:
+            attn1 = torch.softmax(q @ k_land.transpose(-1, -2), dim=-1)  # (B, H, n, m)
+            attn3 = torch.softmax(q_land @ k.transpose(-1, -2), dim=-1)  # (B, H, m, n)
+            out = (attn1 @ attn2_inv) @ (attn3 @ v)
+        else:
+            summary, _ = self._landmark_summary(q_land, k, v)
+            out = torch.empty_like(v)
+            for start in range(0, q.shape[2], self.chunk):
+                attn1 = torch.softmax(q[:, :, start : start + self.chunk] @ k_land.transpose(-1, -2), dim=-1)
+                out[:, :, start : start + self.chunk] = (attn1 @ attn2_inv) @ summary
+        out = out + self.residual(v)
         out = out.transpose(1, 2).reshape(x.shape[0], -1, self.heads * self.head_dim)
         return self.to_out(out)[:, -n:]  # drop the left padding
 
     @torch.no_grad()
     def row_attention(self, x: torch.Tensor, row: int) -> torch.Tensor:
-        """Approximate attention of query `row` (of the unpadded sequence) over all n tokens: (H, n)."""
-        n = x.shape[1]
-        _, _, _, pad, attn1, attn2_inv, attn3 = self._parts(x)
-        weights = attn1[0, :, pad + row : pad + row + 1] @ attn2_inv[0] @ attn3[0]  # (H, 1, n + pad)
-        return weights[:, 0, pad:]  # undo the Nystrom left padding
+        """Approximate attention of query `row` (of the unpadded sequence) over all n tokens: (H, n).
+
+        Row `row` of softmax(q k_m^T) pinv(.) softmax(q_m k^T), built key chunk by key chunk from
+        the softmax log-normalisers, so memory is O(H n) plus (H, m, chunk) blocks.
+        """
+        q, k, v, q_land, k_land, pad = self._project(x[:1])
+        _, log_norm = self._landmark_summary(q_land, k, v)
+        query = q[0, :, pad + row : pad + row + 1]  # (H, 1, d)
+        mix = torch.softmax(query @ k_land[0].transpose(-1, -2), dim=-1) @ self._landmark_inverse(q_land, k_land)[0]
+        weights = torch.empty((self.heads, k.shape[2]), dtype=q.dtype, device=q.device)
+        for start in range(0, k.shape[2], self.chunk):
+            attn3 = torch.exp(q_land[0] @ k[0, :, start : start + self.chunk].transpose(-1, -2) - log_norm[0])
+            weights[:, start : start + self.chunk] = (mix @ attn3)[:, 0]
+        return weights[:, pad:]  # undo the Nystrom left padding
 
 
 class TransLayer(nn.Module):
@@ -326,7 +413,9 @@ class TransLayer(nn.Module):
     def __init__(self, c: TransMILConfig):
         super().__init__()
         self.norm = nn.LayerNorm(c.dim)
-        self.attn = NystromAttention(c.dim, c.heads, c.landmarks, c.pinv_iterations, c.residual_kernel, c.dropout)
+        self.attn = NystromAttention(
+            c.dim, c.heads, c.landmarks, c.pinv_iterations, c.residual_kernel, c.dropout, c.chunk_instances
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x + attention(norm(x))."""
@@ -352,7 +441,17 @@ class PPEG(nn.Module):
 
 
 class TransMIL(nn.Module):
-    """TransMIL: projection, class token, square padding, Nystrom layer, PPEG, Nystrom layer, classifier."""
+    """TransMIL: projection, class token, square padding, Nystrom layer, PPEG, Nystrom layer, classifier.
+
+    Memory: nothing N x N, and in eval mode nothing N x landmarks either (attention runs in
+    `config.chunk_instances`-token blocks). But unlike the gated-attention models, inference is
+    not bounded by the features plus O(N) scores: both layers map the whole token sequence to a
+    new one and PPEG convolves the whole square grid, so about a dozen (N, dim) activations live
+    at once (q, k, v, padded copies, outputs, residual; measured 1.3 GB above 195 MiB of features
+    at N = 50k, D = 1024, dim 512, against 1.9 GB with the whole (heads, N, m) factors).
+    Going below O(N dim) would need the layers streamed with recomputation, which this
+    architecture does not allow without restructuring; for the largest slides use ABMIL/ACMIL.
+    """
 
     def __init__(self, config: TransMILConfig):
         super().__init__()
@@ -382,10 +481,14 @@ class TransMIL(nn.Module):
         return {"logits": self.classifier(self.norm(x)[:, 0])}
 
     def _cls_attention(self, layer: TransLayer, x: torch.Tensor, n: int) -> torch.Tensor:
-        """Class-token attention over the N real instances, averaged over heads and renormalised."""
+        """Class-token attention over the N real instances, averaged over heads and renormalised.
+
+        `row_attention` has already dropped the Nystrom left padding; here the class token
+        (token 0) goes, and the square-padding tokens N + j, copies of instance j, fold onto j.
+        Nystrom weights can be slightly negative (pseudo-inverse), so they are clamped at 0.
+        """
         with torch.no_grad():
             weights = layer.attn.row_attention(layer.norm(x), row=0).mean(dim=0)  # (1 + side^2,)
-        # Drop the class token and the square-padding repeats (a repeat of instance i adds to i).
         tokens = weights[1:]
         scores = tokens[:n].clone()
         extra = tokens.shape[0] - n
@@ -396,7 +499,10 @@ class TransMIL(nn.Module):
 
     @torch.no_grad()
     def attention_scores(self, features: torch.Tensor) -> torch.Tensor:
-        """Class-token attention probabilities (1, N) of the last layer, padding undone, for heatmaps."""
+        """Class-token attention probabilities (1, N) of the last layer, padding undone, for heatmaps.
+
+        Memory as the eval forward: O(N dim) token activations, no N x N or N x landmarks matrix.
+        """
         x, side, n = self._tokens(features)
         x = self.ppeg(self.layer1(x), side)
         return self._cls_attention(self.layer2, x, n).unsqueeze(0)

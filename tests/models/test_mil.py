@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,3 +196,156 @@ def test_one_bag_at_a_time():
     with pytest.raises(ValueError, match="one bag"):
         model(torch.randn(2, 5, 8))
     assert model(torch.randn(1, 5, 8))["logits"].shape == (1, 2)
+
+
+# --------------------------------------------------------------------------------------
+# Chunked inference: same outputs as the whole-bag path, memory bounded by features + O(K N)
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["abmil", "abmil_multihead", "acmil_aem"])
+def test_chunked_eval_equals_whole_bag_eval(name):
+    torch.manual_seed(0)
+    chunked = tiny(name, 64)
+    chunked.config.chunk_instances = 1500  # 20k instances -> 14 chunks, the last one partial
+    whole = copy.deepcopy(chunked)
+    whole.config.chunk_instances = 10**9  # one chunk: the (N, hidden) projection of the whole bag
+    chunked.eval(), whole.eval()
+    features = torch.randn(20_000, 64, generator=torch.Generator().manual_seed(1)) * 3
+    with torch.no_grad():
+        a, b = chunked(features), whole(features)
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5, msg=key)
+    torch.testing.assert_close(chunked.attention_scores(features), whole.attention_scores(features))
+    # The same bag through the training path (STKIM off) gives the same pooled logits too.
+    whole.train()
+    whole.config.n_masked_patch = 0
+    with torch.no_grad():
+        torch.testing.assert_close(whole(features)["logits"], a["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_eval_casts_half_features_per_chunk():
+    torch.manual_seed(0)
+    model = tiny("acmil", 32).eval()
+    model.config.chunk_instances = 100
+    features = torch.randn(1000, 32).half()
+    torch.testing.assert_close(model(features)["logits"], model(features.float())["logits"])
+
+
+_PEAK_RSS_CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    import torch
+    import models
+
+    n, d, chunks = int(sys.argv[1]), int(sys.argv[2]), [int(c) for c in sys.argv[3].split(",")]
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = models.create_model("acmil", in_features=d).eval()
+    with torch.no_grad():
+        model(torch.randn(2 * 16384, d))  # warm-up: library initialisation is not the forward's memory
+    features = torch.empty((n, d))
+    generator = torch.Generator().manual_seed(0)
+    for start in range(0, n, 65536):  # filled in blocks: no transient second copy of the bag
+        block = features[start : start + 65536]
+        block.copy_(torch.randn(block.shape, generator=generator))
+        del block
+    results = []
+    for chunk in chunks:
+        model.config.chunk_instances = chunk
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset this process's peak-RSS mark (ru_maxrss, VmHWM) to the current RSS
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        with torch.no_grad():
+            out = model(features)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        results.append({"chunk": chunk, "extra_peak_mib": after - before, "attention": list(out["attention"].shape),
+                        "finite": bool(torch.isfinite(out["logits"]).all())})
+        del out
+    print(json.dumps({"features_mib": features.numel() * 4 / 2**20, "runs": results}))
+    """
+)
+
+
+def _eval_forward_peak_rss(n: int, d: int, chunks: list[int]) -> dict:
+    """Run ACMIL (K=5, hidden 512) eval forwards on an (n, d) fp32 bag in a child; extra peak RSS per chunk size."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("peak-RSS reset needs Linux /proc/self/clear_refs")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS_CHILD, str(n), str(d), ",".join(map(str, chunks))],
+        capture_output=True, text=True, timeout=600, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_bound_mib(n: int, k: int = 5) -> float:
+    """Allowed extra peak RSS of an eval forward: fixed chunk buffers plus two fp32 (K, N) score tensors."""
+    # One 16,384-instance chunk holds ~32 MiB per (chunk, 512) activation; 192 MiB covers a
+    # few of them and allocator slack. Two (K, N) tensors: the logits and one transient.
+    return 192 + 2 * k * n * 4 / 2**20
+
+
+def test_acmil_eval_memory_is_bounded_and_the_whole_bag_path_is_not():
+    """100k x 1,024 fp32 bag: the chunked forward stays under the bound; the one-chunk (old) path exceeds it."""
+    n = 100_000
+    result = _eval_forward_peak_rss(n, 1024, [16384, 10**9])
+    chunked, whole = result["runs"]
+    bound = _memory_bound_mib(n)
+    print(f"ACMIL eval, {n:,} x 1,024 fp32 ({result['features_mib']:.0f} MiB of features): extra peak RSS "
+          f"{chunked['extra_peak_mib']:.0f} MiB chunked, {whole['extra_peak_mib']:.0f} MiB whole bag (bound {bound:.0f})")
+    assert chunked["attention"] == [5, n] and chunked["finite"]
+    assert chunked["extra_peak_mib"] < bound
+    # The measurement can fail: projecting the whole bag at once (N x 512 fp32 twice) breaks the bound.
+    assert whole["extra_peak_mib"] > bound
+
+
+@pytest.mark.slow  # ~45 s on 2 cores, most of it drawing the 4 GiB of random features
+def test_acmil_eval_on_a_million_instance_bag_runs_in_bounded_memory():
+    """1,000,000 x 1,024 fp32 bag (3.8 GiB): extra peak RSS stays at chunk buffers plus O(K N) scores."""
+    n = 1_000_000
+    result = _eval_forward_peak_rss(n, 1024, [16384])
+    (run,) = result["runs"]
+    bound = _memory_bound_mib(n)
+    print(f"ACMIL eval, {n:,} x 1,024 fp32 ({result['features_mib']:.0f} MiB of features): "
+          f"extra peak RSS {run['extra_peak_mib']:.0f} MiB (bound {bound:.0f})")
+    assert run["attention"] == [5, n] and run["finite"]
+    assert run["extra_peak_mib"] < bound
+
+
+def test_transmil_chunked_eval_equals_dense_attention():
+    torch.manual_seed(0)
+    # 300 instances -> 18x18 grid + class token = 325 tokens, left-padded to 328: 47 chunks of 7, the last partial.
+    model = models.create_model("transmil", in_features=12, num_classes=2, dim=32, heads=4, landmarks=8,
+                                dropout=0.0, chunk_instances=7)
+    features = torch.randn(300, 12)
+    with torch.no_grad():
+        chunked = model.eval()(features)["logits"]
+        dense = model.train()(features)["logits"]  # training builds the (heads, n, m), (heads, m, n) factors whole
+    torch.testing.assert_close(chunked, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_transmil_scores_map_exactly_onto_the_real_instances():
+    """Heatmap scores = class-token row of the dense Nystrom attention, pad and class token removed, repeats folded."""
+    torch.manual_seed(0)
+    model = models.create_model("transmil", in_features=12, num_classes=2, dim=32, heads=4, landmarks=8,
+                                chunk_instances=5).eval()
+    features = torch.randn(10, 12)
+    scores = model.attention_scores(features)
+    # 10 instances -> 4x4 grid (instances 0..5 repeated as tokens 11..16) + class token = 17 tokens,
+    # left-padded with 7 zero tokens to 24 (a multiple of 8 landmarks): class token at 7, instance i at 8 + i.
+    with torch.no_grad():
+        x, side, n = model._tokens(features)
+        x = model.ppeg(model.layer1(x), side)
+        attn = model.layer2.attn
+        q, k, _, q_land, k_land, pad = attn._project(model.layer2.norm(x))
+        assert (side, n, pad) == (4, 10, 7)
+        attn1 = torch.softmax(q @ k_land.transpose(-1, -2), dim=-1)
+        attn3 = torch.softmax(q_land @ k.transpose(-1, -2), dim=-1)
+        full = (attn1 @ attn._landmark_inverse(q_land, k_land) @ attn3)[0].mean(dim=0)  # (24, 24)
+    cls_row = full[7]
+    expected = cls_row[8:18].clone()
+    expected[:6] += cls_row[18:24]
+    expected = expected.clamp_min(0) / expected.clamp_min(0).sum()
+    assert scores.shape == (1, 10)
+    torch.testing.assert_close(scores[0], expected, rtol=1e-5, atol=1e-6)
