@@ -20,15 +20,18 @@ def mil_benchmark(
     seeds: int = typer.Option(1, help="Seeds (each also re-draws the folds; all models share them)."),
     epochs: int = typer.Option(20, help="Epochs per fold."),
     standardize: bool = typer.Option(True, help="Z-score features with training-fold statistics."),
+    n_boot: int = typer.Option(1000, help="Bootstrap resamples for the 95% CIs."),
     out: Path = typer.Option(Path("runs/mil_benchmark"), help="Output folder (runs, results.json, results.md)."),
 ) -> None:
     """Cross-validate MIL models on a bag set through the shared engine; print the results table."""
     from pipelines.mil_benchmark import BenchmarkSettings, run_mil_benchmark
 
     settings = BenchmarkSettings(models=tuple(m.strip() for m in models.split(",") if m.strip()), folds=folds,
-                                 seeds=tuple(range(seeds)), epochs=epochs, standardize=standardize)
+                                 seeds=tuple(range(seeds)), epochs=epochs, standardize=standardize,
+                                 n_boot=n_boot)
     run_mil_benchmark(path, settings, out)
-    console.print((out / "results.md").read_text())
+    # the markdown table as written: no wrapping, and its [low, high] CIs are not rich markup
+    console.print((out / "results.md").read_text(), markup=False, highlight=False, soft_wrap=True)
 
 
 @mil_app.command("convert-acmil")
@@ -49,9 +52,18 @@ def mil_attention(
     bags: Path = typer.Argument(..., help="Bags with coordinates: a CLAM .h5 file or a SICAPv2 folder."),
     out: Path = typer.Option(Path("outputs/attention"), help="Folder for <bag>.npz and <bag>.png."),
     kwargs: Optional[str] = typer.Option(None, help="Model overrides as YAML, e.g. '{in_features: 128}'."),
+    slide: Optional[Path] = typer.Option(
+        None, help="The slide of a features .h5: also draw heatmaps on it and top-patch galleries."
+    ),
+    branch: str = typer.Option(
+        "mean", help="With --slide, what to draw: mean (of the branches), all, or branch numbers such as 0,2."
+    ),
+    top_k: int = typer.Option(8, help="Patches per top-patch gallery (and top indices kept in the npz)."),
+    mpp: Optional[float] = typer.Option(None, help="Level-0 µm/px of the slide when its file has none."),
 ) -> None:
     """Export per-patch attention (npz for the slide renderer) and a grid preview PNG for each bag."""
     from pipelines.mil_heatmaps import export_attention
 
-    for path in export_attention(model, weights, bags, out, kwargs):
+    written = export_attention(model, weights, bags, out, kwargs, slide=slide, branches=branch, top_k=top_k, mpp=mpp)
+    for path in written:
         console.print(str(path))

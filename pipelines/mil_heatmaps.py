@@ -6,18 +6,24 @@ slide-level map (branch mean), and the top-k patches per branch, computed in chu
 of any size needs only its features plus O(K N) scores. `save_attention_maps` writes them
 as `.npz` (scores, coords, top indices) — the on-disk artifact a slide renderer (issue 6) reads
 to overlay them on the slide. `attention_grid_png` draws a coordinate-grid preview without the
-slide image (for feature-only sets such as SICAPv2).
+slide image (for feature-only sets such as SICAPv2). `render_slide_attention` draws chosen
+branches (or their mean) on the slide itself through `medai.results.heatmap.render_heatmap`,
+with a gallery of each one's top-k patches read from the slide.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from medai.io.wsi import WholeSlide
+from medai.results.heatmap import Branch, parse_branch, render_heatmap, render_top_patches, select_branch
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +119,87 @@ def attention_grid_png(maps: AttentionMaps, path: str | Path, title: str = "", p
     return path
 
 
+def parse_branch_spec(spec: str, num_branches: int) -> list[Branch]:
+    """Return the maps to draw: 'mean', 'all' (mean then every branch), or numbers like '0,2'."""
+    from medai.errors import ConfigError
+
+    chosen: list[Branch] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        try:
+            picks: list[Branch] = (
+                (["mean", *range(num_branches)] if num_branches > 1 else ["mean"])
+                if part.lower() == "all" else [parse_branch(part)]
+            )
+        except ValueError as exc:
+            raise ConfigError(f"{exc} (or 'all')", source="--branch") from None
+        for pick in picks:
+            if pick != "mean" and not 0 <= pick < num_branches:
+                raise ConfigError(
+                    f"no branch {pick}: the model has {num_branches} (0-{num_branches - 1})", source="--branch"
+                )
+            if pick not in chosen:
+                chosen.append(pick)
+    if not chosen:
+        raise ConfigError(
+            f"no branch chosen in '{spec}' (mean, all, or branch numbers such as 0,2)", source="--branch"
+        )
+    return chosen
+
+
+def branch_name(branch: Branch) -> str:
+    """File-name part for a branch: 'mean' or 'branch<k>'."""
+    return "mean" if branch == "mean" else f"branch{branch}"
+
+
+def render_slide_attention(
+    slide: WholeSlide,
+    maps: AttentionMaps,
+    patch_size_level0: int,
+    out_prefix: str | Path,
+    branches: Sequence[Branch] = ("mean",),
+    top_k: int = 8,
+    patch_level: int = 0,
+    label: str = "attention",
+) -> list[Path]:
+    """Draw each chosen branch (or their mean) on the slide, with a gallery of its top-k patches; return files.
+
+    Writes <prefix>_<mean|branch<k>>_heatmap.png, _region.png, _heatmap.geojson (the WSI
+    renderer's outputs) and _top<k>.png per choice.
+    """
+    if maps.coords is None:
+        raise ValueError("drawing attention on the slide needs patch coordinates")
+    out_prefix = Path(out_prefix)
+    written: list[Path] = []
+    for branch in branches:
+        scores = select_branch(maps.branch_scores, branch, "attention")
+        name = branch_name(branch)
+        what = "branch mean" if branch == "mean" else f"branch {branch}"
+        prefix = out_prefix.with_name(f"{out_prefix.name}_{name}")
+        files = render_heatmap(slide, maps.coords, scores, patch_size_level0, prefix, label=f"{label} ({what})")
+        written += list(files.values())
+        shown = min(top_k, len(scores))
+        gallery = render_top_patches(
+            slide, maps.coords, scores, patch_size_level0, prefix.with_name(f"{prefix.name}_top{top_k}.png"),
+            k=top_k, patch_level=patch_level,
+            title=f"{out_prefix.name}: top {shown} of {len(scores)} patches by {label} ({what})",
+        )
+        written.append(gallery.path)
+    return written
+
+
 def export_attention(model_name: str, weights: str | Path, bags_path: str | Path, out: str | Path,
-                     model_kwargs: str | None = None) -> list[Path]:
-    """Load a MIL model and write <bag>.npz attention maps and <bag>.png previews for every bag in `bags_path`."""
+                     model_kwargs: str | None = None, *, slide: str | Path | None = None,
+                     branches: str = "mean", top_k: int = 8, mpp: float | None = None) -> list[Path]:
+    """Load a MIL model and write <bag>.npz attention maps and <bag>.png previews for the bags in `bags_path`.
+
+    With `slide` (and a single-slide features .h5 as `bags_path`), also draw the `branches`
+    chosen ('mean', 'all', '0,2', ...) on the slide with their top-k patch galleries.
+    """
     import yaml
 
+    from medai.errors import ConfigError
     from medai.io.mil_bags import MILBag, read_clam_h5, read_sicapv2_bags
     from models import create_model
 
@@ -125,17 +207,41 @@ def export_attention(model_name: str, weights: str | Path, bags_path: str | Path
     if bags_path.suffix == ".h5":
         features, coords = read_clam_h5(bags_path)
         bags = [MILBag(bags_path.stem, features, -1, coords=coords)]
+    elif slide is not None:
+        raise ConfigError(
+            f"drawing on a slide needs that slide's features .h5 as the bags, not {bags_path}", source="--slide"
+        )
     else:
         bags = read_sicapv2_bags(bags_path)
     kwargs = yaml.safe_load(model_kwargs) if model_kwargs else {}
     model = create_model(model_name, pretrained=weights, **kwargs).eval()
     written = []
     for bag in bags:
-        maps = attention_maps(model, bag.features, bag.coords)
+        maps = attention_maps(model, bag.features, bag.coords, top_k=top_k)
+        chosen = parse_branch_spec(branches, maps.num_branches) if slide is not None else []
         written.append(save_attention_maps(maps, out / f"{bag.bag_id}.npz", model=model_name))
         if bag.coords is not None:
             written.append(attention_grid_png(maps, out / f"{bag.bag_id}.png", title=f"{model_name}: {bag.bag_id}"))
+        if slide is not None:
+            written += _draw_on_slide(slide, bags_path, maps, out / bag.bag_id, chosen, top_k, mpp, model_name)
     return written
+
+
+def _draw_on_slide(slide: str | Path, features_h5: Path, maps: AttentionMaps, out_prefix: Path,
+                   branches: Sequence[Branch], top_k: int, mpp: float | None, model_name: str) -> list[Path]:
+    from medai.io.patch_h5 import PatchFileError, read_coords_h5
+    from medai.io.wsi import open_slide
+
+    if maps.coords is None:
+        raise PatchFileError(features_h5, "no 'coords' dataset: attention cannot be placed on the slide")
+    _, attrs = read_coords_h5(features_h5)
+    if "patch_size_level0" not in attrs:
+        raise PatchFileError(features_h5, "coords lack patch_size_level0 (and a downsample to derive it)")
+    with open_slide(slide, mpp=mpp) as handle:
+        return render_slide_attention(
+            handle, maps, int(attrs["patch_size_level0"]), out_prefix, branches, top_k,
+            int(attrs.get("patch_level", 0)), label=f"{model_name} attention",
+        )
 
 
 def attention_by_instance_label(scores: np.ndarray, instance_labels: np.ndarray) -> dict[int, dict[str, float]]:

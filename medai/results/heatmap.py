@@ -11,12 +11,18 @@ Scores are normalised to [0, 1] by rank (`percentile`, as CLAM draws attention, 
 extreme values), by `minmax`, or taken as they are (`none`, for probabilities). Overlapping
 patches are averaged; smoothing is a Gaussian of half a patch, kept inside the patched area so
 colour never bleeds onto glass.
+
+Multi-branch attention (ACMIL's K branches, stored (K, N) as `branch_scores`) is drawn one
+branch at a time: `load_scores(path, branch=k)` or `branch="mean"`, or the key `branch_scores:k`.
+`render_top_patches(slide, coords, scores, patch_size_level0, path)` writes the k highest-scoring
+patches, read from the slide at the patch level, as a captioned gallery PNG.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +32,7 @@ from medai.io.wsi import WholeSlide
 from medai.utils import optional_import
 
 Normalize = Literal["percentile", "minmax", "none"]
+Branch = int | Literal["mean"]  # one attention branch by index, or the mean over branches
 
 
 def normalize_scores(scores: np.ndarray, method: Normalize = "percentile") -> np.ndarray:
@@ -131,7 +138,16 @@ def add_colorbar(
     bar_w = max(12, height // 40)
     margin = max(8, height // 60)
     font = max(0.35, height / 1400)
-    panel_w = bar_w + margin * 3 + int(90 * font * 2)
+
+    def text_width(text: str) -> int:
+        return cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font, 1)[0][0]
+
+    # wide enough for the longest tick label beside the bar and for the title above it
+    panel_w = max(
+        bar_w + margin * 3 + int(90 * font * 2),
+        margin * 3 + bar_w + max((text_width(t) for t in labels), default=0),
+        margin * 2 + text_width(title),
+    )
     panel = np.full((height, panel_w, 3), 255, np.uint8)
     top = (height - bar_h) // 2
     ramp = np.linspace(1, 0, bar_h)[:, None].repeat(bar_w, 1)
@@ -193,27 +209,81 @@ def heatmap_geojson(
     return {"type": "FeatureCollection", "features": features}
 
 
-def load_scores(path: str | Path, key: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Return (scores (N,), coords (N, 2) or None) from .npy, .npz (MIL attention maps) or HDF5."""
+def parse_branch(text: str | int) -> Branch:
+    """Return a branch selection from text: 'mean' or a branch index (0-based)."""
+    if isinstance(text, int):
+        return text
+    value = str(text).strip().lower()
+    if value == "mean":
+        return "mean"
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"branch must be 'mean' or a branch number, got '{text}'") from None
+
+
+def select_branch(
+    scores: np.ndarray, branch: Branch | None = None, source: str = "scores"
+) -> np.ndarray:
+    """Return one score per patch (N,) from (N,) or (K, N) scores: branch k's row or their mean.
+
+    A (K, N) array with K > 1 needs a `branch`: flattening it would mix the branches' patches.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim == 1 or (scores.ndim == 2 and scores.shape[1] == 1):  # (N,) or a column (N, 1)
+        scores = scores.reshape(1, -1)
+    if scores.ndim != 2:
+        raise ValueError(f"{source}: expected (N,) or (K, N) scores, got shape {scores.shape}")
+    num_branches = scores.shape[0]
+    if branch is None:
+        if num_branches > 1:
+            raise ValueError(
+                f"{source} holds {num_branches} attention branches {scores.shape}; "
+                f"choose a branch (0-{num_branches - 1}) or 'mean'"
+            )
+        return scores[0]
+    if branch == "mean":
+        return scores.mean(axis=0)
+    if isinstance(branch, (int, np.integer)) and 0 <= branch < num_branches:
+        return scores[int(branch)]
+    raise ValueError(f"{source}: no branch {branch!r} (0-{num_branches - 1} or 'mean')")
+
+
+def load_scores(
+    path: str | Path, key: str | None = None, branch: Branch | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Return (scores (N,), coords (N, 2) or None) from .npy, .npz (MIL attention maps) or HDF5.
+
+    `branch` picks one row of a (K, N) array (an index or 'mean'); `key` may carry it as
+    `name:branch`, e.g. `branch_scores:2`. A branch without a key reads a .npz's `branch_scores`.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such scores file")
+    if key is not None and ":" in key:
+        key, branch_text = key.rsplit(":", 1)
+        branch = parse_branch(branch_text)
     if path.suffix == ".npy":
-        return np.asarray(np.load(path), dtype=np.float64).reshape(-1), None
+        return select_branch(np.load(path), branch, str(path)), None
     if path.suffix == ".npz":
         with np.load(path) as data:
-            name = key or ("slide_scores" if "slide_scores" in data else "scores")
+            if key is not None:
+                name = key
+            elif branch is not None and "branch_scores" in data:
+                name = "branch_scores"
+            else:
+                name = "slide_scores" if "slide_scores" in data else "scores"
             if name not in data:
                 raise KeyError(f"{path}: no array '{name}' (has: {', '.join(data.files)})")
             coords = np.asarray(data["coords"], dtype=np.int64) if "coords" in data else None
-            return np.asarray(data[name], dtype=np.float64).reshape(-1), coords
+            return select_branch(data[name], branch, f"{path}:{name}"), coords
     h5py = optional_import("h5py", "reading scores from HDF5", "wsi")
     with h5py.File(path, "r") as handle:
         name = key or "scores"
         if name not in handle:
             raise KeyError(f"{path}: no dataset '{name}' (has: {', '.join(handle.keys())})")
         coords = np.asarray(handle["coords"][()], dtype=np.int64) if "coords" in handle else None
-        return np.asarray(handle[name][()], dtype=np.float64).reshape(-1), coords
+        return select_branch(handle[name][()], branch, f"{path}:{name}"), coords
 
 
 def _tick_labels(scores: np.ndarray, method: Normalize) -> list[str]:
@@ -307,3 +377,115 @@ def render_heatmap(
         json.dumps(heatmap_geojson(coords, scores, values, patch_size_level0, label, cmap))
     )
     return files
+
+
+@dataclass
+class TopPatchGallery:
+    """A written gallery: its PNG, the patches' rows and scores (best first), the tile boxes."""
+
+    path: Path
+    indices: np.ndarray  # (k,) rows of coords/scores, highest score first
+    scores: np.ndarray  # (k,)
+    boxes: np.ndarray  # (k, 4) each tile's (x, y, width, height) in PNG px
+
+
+def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """Return the indices of the k highest scores, best first (ties: lower index first); O(N)."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    k = min(int(k), scores.size)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    candidates = np.arange(scores.size)
+    if scores.size > 4 * k:
+        # keep every patch tied with the k-th score so ties resolve by index, as a full sort would
+        kth = np.partition(scores, scores.size - k)[scores.size - k]
+        candidates = np.flatnonzero(scores >= kth)
+    order = np.lexsort((candidates, -scores[candidates]))
+    return candidates[order[:k]].astype(np.int64)
+
+
+def render_top_patches(
+    slide: WholeSlide,
+    coords: np.ndarray,
+    scores: np.ndarray,
+    patch_size_level0: int,
+    path: str | Path,
+    *,
+    k: int = 8,
+    patch_level: int = 0,
+    columns: int = 4,
+    title: str = "",
+    max_tile_px: int = 512,
+) -> TopPatchGallery:
+    """Write the k highest-scoring patches as a PNG grid captioned with rank, score and (x, y).
+
+    Patches are read at `patch_level` (the level the features were extracted from), covering
+    `patch_size_level0` level-0 px from their `coords` corner; a tile is shown at that read size,
+    downsized only when it exceeds `max_tile_px`. Only the k patches are read, so any slide size
+    works.
+    """
+    from medai.transforms.tissue import write_png
+
+    cv2 = optional_import("cv2", "top-patch galleries", "wsi")
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(coords) != len(scores):
+        raise ValueError(f"{len(coords)} coords but {len(scores)} scores")
+    if len(coords) == 0:
+        raise ValueError("no patches to draw")
+    if k < 1 or columns < 1:
+        raise ValueError(f"k and columns must be >= 1, got k={k}, columns={columns}")
+    if not 0 <= patch_level < slide.level_count:
+        raise ValueError(
+            f"patch level {patch_level} not in the slide (levels 0-{slide.level_count - 1})"
+        )
+    chosen = top_indices(scores, k)
+    level_ds = float(slide.level_downsamples[patch_level])
+    read_px = max(1, round(patch_size_level0 / level_ds))
+    tile_px = min(read_px, max_tile_px)
+
+    captions = [
+        (f"#{rank + 1}  {scores[index]:.3g}", f"({coords[index, 0]}, {coords[index, 1]})")
+        for rank, index in enumerate(chosen)
+    ]
+    font = max(0.35, tile_px / 360)
+
+    def text_size(value: str) -> tuple[int, int]:
+        (w, h), baseline = cv2.getTextSize(value, cv2.FONT_HERSHEY_SIMPLEX, font, 1)
+        return w, h + baseline
+
+    line_h = text_size("#0 (0.0)")[1] + 4
+    caption_h = 2 * line_h + 4
+    margin = max(6, tile_px // 16)
+    # a cell is as wide as its tile or its longest caption, so small tiles keep readable captions
+    cell_w = max(tile_px, *(text_size(line)[0] for pair in captions for line in pair))
+    title_h = line_h + margin if title else 0
+    cols = min(columns, len(chosen))
+    rows = -(-len(chosen) // cols)
+    title_w = text_size(title)[0] + 2 * margin if title else 0
+    width = max(cols * cell_w + (cols + 1) * margin, title_w)
+    height = title_h + rows * (tile_px + caption_h) + (rows + 1) * margin
+    canvas = np.full((height, width, 3), 255, np.uint8)
+
+    def draw_text(at: tuple[int, int], value: str) -> None:
+        cv2.putText(canvas, value, at, cv2.FONT_HERSHEY_SIMPLEX, font, (0, 0, 0), 1, cv2.LINE_AA)
+
+    if title:
+        draw_text((margin, margin + line_h - 4), title)
+    boxes = np.zeros((len(chosen), 4), dtype=np.int64)
+    for rank, index in enumerate(chosen):
+        corner = (int(coords[index, 0]), int(coords[index, 1]))
+        pixels = slide.read_region(corner, patch_level, (read_px, read_px))
+        if read_px != tile_px:
+            pixels = cv2.resize(pixels, (tile_px, tile_px), interpolation=cv2.INTER_AREA)
+        row, col = divmod(rank, cols)
+        left = margin + col * (cell_w + margin)
+        top = title_h + margin + row * (tile_px + caption_h + margin)
+        canvas[top : top + tile_px, left : left + tile_px] = pixels
+        boxes[rank] = (left, top, tile_px, tile_px)
+        draw_text((left, top + tile_px + line_h), captions[rank][0])
+        draw_text((left, top + tile_px + 2 * line_h), captions[rank][1])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_png(path, canvas)
+    return TopPatchGallery(path, chosen, scores[chosen], boxes)

@@ -101,3 +101,66 @@ def test_cli_renders_mil_attention_npz(tmp_path, wsi_cmu1_small_region_path):
         app, [*args, "--out", str(tmp_path / "x")], env={"COLUMNS": "200"}
     )
     assert mismatch.exit_code == 1 and "coords differ" in mismatch.output
+
+
+def test_load_scores_selects_one_branch_of_k(tmp_path):
+    from medai.results.heatmap import load_scores, select_branch
+
+    branch_scores = np.arange(12, dtype=np.float32).reshape(3, 4) / 66  # K=3 branches, N=4 patches
+    coords = np.array([[0, 0], [256, 0], [0, 256], [256, 256]])
+    path = tmp_path / "att.npz"
+    np.savez(path, branch_scores=branch_scores, slide_scores=branch_scores.mean(0), coords=coords)
+    for k in range(3):
+        scores, got_coords = load_scores(path, branch=k)
+        np.testing.assert_array_equal(scores, branch_scores[k])
+        by_key, _ = load_scores(path, key=f"branch_scores:{k}")
+        np.testing.assert_array_equal(by_key, branch_scores[k])
+        np.testing.assert_array_equal(got_coords, coords)
+    mean, _ = load_scores(path, branch="mean")
+    np.testing.assert_allclose(mean, branch_scores.mean(0), rtol=1e-6)
+    default, _ = load_scores(path)  # slide_scores, as before
+    np.testing.assert_array_equal(default, branch_scores.mean(0))
+    with pytest.raises(ValueError, match="3 attention branches"):
+        load_scores(path, key="branch_scores")  # never flattened into 12 'patches'
+    with pytest.raises(ValueError, match="no branch 3"):
+        load_scores(path, branch=3)
+    with pytest.raises(ValueError, match="'mean' or a branch number"):
+        load_scores(path, key="branch_scores:first")
+    # K=1 needs no choice, and an (N, 1) column is one score per patch
+    np.testing.assert_array_equal(select_branch(branch_scores[:1]), branch_scores[0])
+    np.testing.assert_array_equal(select_branch(branch_scores[0][:, None]), branch_scores[0])
+
+
+def test_top_patch_gallery_shows_the_k_best_patches_from_the_slide(
+    tmp_path, wsi_cmu1_small_region_path
+):
+    from medai.results.heatmap import render_top_patches
+
+    with open_slide(wsi_cmu1_small_region_path) as slide:
+        grid = build_patch_grid(slide, segment_slide(slide, None, "cmu").tissue, "cmu")
+        scores = np.random.default_rng(0).permutation(len(grid.coords)) / len(grid.coords)
+        gallery = render_top_patches(
+            slide, grid.coords, scores, grid.patch_size_level0, tmp_path / "top.png", k=5, columns=3
+        )
+        size = grid.patch_size_level0  # level 0 patches: tiles are the slide's own pixels
+        best = grid.coords[np.argmax(scores)]
+        best_region = slide.read_region(tuple(best), 0, (size, size))
+        regions = [
+            slide.read_region(tuple(grid.coords[i]), 0, (size, size)) for i in gallery.indices
+        ]
+    image = cv2.cvtColor(cv2.imread(str(gallery.path)), cv2.COLOR_BGR2RGB)
+    assert len(gallery.boxes) == 5
+    np.testing.assert_array_equal(gallery.indices, np.argsort(-scores)[:5])
+    x, y, w, h = gallery.boxes[0]
+    assert w == h == size
+    # the first tile is the slide region of the highest-scoring patch, pixel for pixel
+    np.testing.assert_array_equal(image[y : y + h, x : x + w], best_region)
+    row_tops = sorted({int(b[1]) for b in gallery.boxes})
+    assert len(row_tops) == 2  # 5 tiles in rows of 3
+    painted = np.zeros(image.shape[:2], bool)
+    for (x, y, w, h), region in zip(gallery.boxes, regions):
+        np.testing.assert_array_equal(image[y : y + h, x : x + w], region)
+        below = ([t for t in row_tops if t > y] or [image.shape[0]])[0]
+        assert (image[y + h : below, x : x + w] < 128).any()  # rank and score under each tile
+        painted[y:below, x : x + w] = True
+    assert (image[~painted] == 255).all()  # nothing but the 5 tiles and their captions
