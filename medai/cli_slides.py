@@ -208,7 +208,8 @@ def slides_heatmap(
         ..., "--out", help="Output prefix: <out>_heatmap.png, _region.png, _heatmap.geojson."
     ),
     key: str | None = typer.Option(
-        None, help="Array/dataset name in SCORES (default: slide_scores in .npz, scores in HDF5)."
+        None, help="Array/dataset name in SCORES (default: slide_scores in .npz, scores in HDF5); "
+        "'branch_scores:K' or 'branch_scores:mean' picks one branch of a K-branch attention."
     ),
     label: str = typer.Option("attention", help="Score name in the colour bar and GeoJSON."),
     normalize: str = typer.Option("percentile", help="percentile, minmax or none."),
