@@ -378,15 +378,28 @@ def pacs_pull(url: str = typer.Argument(..., help="DICOMweb root URL."), study: 
 def pacs_push(url: str = typer.Argument(..., help="DICOMweb root URL (STOW-RS) or dicom://AE@host:port (C-STORE)."),
               paths: list[Path] = typer.Argument(..., help="Files or folders to store."),
               user: Optional[str] = _USER, password: Optional[str] = _PASSWORD, token: Optional[str] = _TOKEN,
-              insecure: bool = _INSECURE, ca_bundle: Optional[Path] = _CA) -> None:
-    """STOW-RS / C-STORE files (folders are walked) to a PACS."""
+              insecure: bool = _INSECURE, ca_bundle: Optional[Path] = _CA,
+              deidentify_secret: Optional[str] = typer.Option(
+                  None, "--deidentify-secret", envvar="MEDAI_DEID_SECRET",
+                  help="De-identify before sending (PS3.15 basic profile; UIDs remapped with this key, the same "
+                       "key giving the same UIDs across pushes); files that cannot be de-identified are not sent."),
+              pseudonym: str = typer.Option("ANON", help="PatientName/PatientID written when de-identifying.")) -> None:
+    """STOW-RS / C-STORE files (folders are walked) to a PACS, optionally de-identified on the way out."""
+    import tempfile
+
+    from medai.io.deidentify import deidentify_files
     from medai.io.dicom import iter_files
     from medai.io.pacs import push_files
 
     files = [f for p in paths for f in iter_files(p)]
     auth = {} if url.startswith("dicom://") else _pacs_auth(user, password, token, insecure, ca_bundle)
-    stored = push_files(url, files, **auth)
-    console.print(f"stored {stored} instance(s)")
+    with tempfile.TemporaryDirectory(prefix="medai-deid-") as staging:
+        if deidentify_secret:
+            files, refused = deidentify_files(files, staging, secret=deidentify_secret, pseudonym=pseudonym)
+            for path, reason in refused:
+                console.print(f"[red]NOT SENT[/] {path}: {reason}")
+        stored = push_files(url, files, **auth)
+    console.print(f"stored {stored} instance(s)" + (" (de-identified)" if deidentify_secret else ""))
 
 
 @models_app.command("convert-medvit")

@@ -121,6 +121,35 @@ def test_cli_pacs_ping_and_push(orthanc, dicom_dcmqi_path):
     assert pushed.exit_code == 0 and "stored 3" in pushed.output
 
 
+def test_cli_push_deidentifies_on_export(orthanc, dicom_dcmqi_path, tmp_path):
+    """`pacs push --deidentify-secret` sends no original identifier or UID; the study stays one study."""
+    from typer.testing import CliRunner
+
+    from medai.cli import app
+
+    series = dicom_dcmqi_path / "segmentations" / "ct-3slice"
+    originals = [pydicom.dcmread(p) for p in sorted(series.glob("*.dcm"))]
+    pushed = CliRunner().invoke(app, ["pacs", "push", orthanc.dicomweb_url, str(series), "--deidentify-secret", "k1",
+                                      "--pseudonym", "STUDY-A"])
+    assert pushed.exit_code == 0 and "stored 3 instance(s) (de-identified)" in pushed.output
+    pacs = DicomWebPacs(orthanc.dicomweb_url)
+    studies = pacs.search_studies(PatientID="STUDY-A")
+    assert len(studies) == 1  # the three slices were remapped into one study
+    study_uid = studies[0]["StudyInstanceUID"]
+    assert study_uid != originals[0].StudyInstanceUID
+    (series_found,) = pacs.search_series(study_uid)
+    stored = [pydicom.dcmread(p) for p in pacs.retrieve_series(study_uid, series_found["SeriesInstanceUID"], tmp_path)]
+    original_uids = {o.SOPInstanceUID for o in originals} | {originals[0].SeriesInstanceUID}
+    assert len(stored) == 3
+    for ds in stored:
+        assert ds.PatientID == "STUDY-A" and str(ds.PatientName) == "STUDY-A"
+        assert ds.SOPInstanceUID not in original_uids and ds.SeriesInstanceUID not in original_uids
+        assert ds.PatientIdentityRemoved == "YES"
+        for keyword in ("PatientBirthDate", "InstitutionName", "ReferringPhysicianName", "AccessionNumber"):
+            original = str(originals[0].get(keyword, "") or "")
+            assert not original or str(ds.get(keyword, "") or "") != original, keyword
+
+
 def test_stow_failure_is_a_pacs_error(orthanc_with_auth, dicom_dcmqi_path):
     pacs = DicomWebPacs(orthanc_with_auth.dicomweb_url)
     with pytest.raises(PacsError, match="401"):
