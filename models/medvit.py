@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -46,6 +47,7 @@ from torch import Tensor, nn
 
 from kernels import ops
 from medai.errors import CheckpointError, ConfigError, ModelInputError
+from medai.utils import repo_root
 from models.kan import FasterKAN, FasterKANConfig
 from models.registry import register_model
 
@@ -467,9 +469,17 @@ def _variant(name: str, overrides: dict) -> MedViT:
     return build_medvit(from_dict(MedViTConfig, {**VARIANTS[name], **overrides}, source=f"create_model('{name}')"))
 
 
-@register_model(family="medvit", card=CARD)
+def _breastmnist_checkpoint() -> Path:
+    # Trained in this project on BreastMNIST (card: data_cards/checkpoints/medvit.md); num_classes=2, in_chans=1.
+    return repo_root() / "checkpoints" / "breastmnist" / "medvit_tiny_f16.safetensors"
+
+
+@register_model(family="medvit", card=CARD, pretrained={"breastmnist": _breastmnist_checkpoint})
 def medvit_tiny(**overrides) -> MedViT:
-    """MedViT-V2-T: depths (2, 2, 6, 1), widths (64, 128, 192, 384)."""
+    """MedViT-V2-T: depths (2, 2, 6, 1), widths (64, 128, 192, 384).
+
+    pretrained='breastmnist' (with num_classes=2, in_chans=1) loads the BreastMNIST checkpoint (28 px).
+    """
     return _variant("medvit_tiny", overrides)
 
 
