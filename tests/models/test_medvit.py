@@ -3,7 +3,9 @@ name map, and bad inputs."""
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,3 +270,36 @@ def test_shipped_breastmnist_checkpoint_scores_the_test_split(breastmnist_path):
     metrics = classification_metrics(data["test_labels"], prob, "binary")
     # Card: AUROC 0.879, accuracy 0.840 (fp32 run); the fp16 cast may move a borderline case.
     assert abs(metrics["auroc"] - 0.879) < 0.01 and abs(metrics["accuracy"] - 0.840) < 0.02, metrics
+
+
+# Key names and shapes of the authors' own MedViT.py (and its parameter counts), recorded by
+# instantiating their code with NATTEN 0.17's NeighborhoodAttention2D parameter layout:
+# an independent check of the converter and of the size table, not written from our own model.
+PUBLIC_RECORD = Path(__file__).parent / "data" / "medvitv2_public_state_dict.json"
+
+
+@pytest.mark.parametrize("variant", ["medvit_tiny", "medvit_small"])
+def test_authors_state_dict_names_convert_and_load_strictly(variant):
+    record = json.loads(PUBLIC_RECORD.read_text())["variants"][variant.replace("medvit", "MedViT")]
+    torch.manual_seed(0)
+    public = {k: (torch.zeros(shape, dtype=torch.long) if k.endswith("num_batches_tracked") else torch.randn(shape))
+              for k, shape in record["state_dict"].items()}
+    converted = convert_reference_state_dict(public, source=f"{variant} (authors' names)")
+    assert reference_config_from_state_dict(converted) == {"variant": variant, "num_classes": 2, "in_chans": 3}
+    model = create_model(variant, reference_code_compat=True, num_classes=2)
+    missing, unexpected = set(model.state_dict()) - set(converted), set(converted) - set(model.state_dict())
+    assert not missing and not unexpected, (sorted(missing)[:5], sorted(unexpected)[:5])
+    model.load_state_dict(converted, strict=True)
+    # Only the GFP blocks' locality feed-forward (`features.N.conv.*`, never called by the authors' forward) is dropped.
+    gfp_blocks = {k.split(".")[1] for k in public if ".e_mhsa." in k}
+    unused = [k for k in public if k.split(".")[0] == "features" and k.split(".")[1] in gfp_blocks
+              and k.split(".")[2] == "conv"]
+    assert unused and len(public) - len(converted) == len(unused)
+
+
+@pytest.mark.parametrize("variant", ["medvit_tiny", "medvit_small", "medvit_base", "medvit_large"])
+def test_size_matches_what_the_authors_code_builds(variant):
+    record = json.loads(PUBLIC_RECORD.read_text())["variants"][variant.replace("medvit", "MedViT")]
+    with torch.device("meta"):
+        model = create_model(variant)
+    assert public_code_parameter_count(model) == record["parameters_1000_classes"]
