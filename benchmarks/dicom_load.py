@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # before benchmarks/: its kernels.py would shadow the package
 
 
 def plain_pydicom(folder: Path) -> np.ndarray:

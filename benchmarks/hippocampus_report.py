@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # before benchmarks/: its kernels.py would shadow the package
 
 from pipelines.metrics import paired_bootstrap
 from pipelines.segmentation import HIPPOCAMPUS_LABELS, NNUNET_TASK04_DICE, summarize_cases

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # before benchmarks/: its kernels.py would shadow the package
 MODELS = ["resnet50", "convnext_tiny", "medvit_tiny", "medvit_small", "medvit_base", "medvit_large"]
 
 
@@ -27,7 +28,6 @@ def measure(name: str, mode: str, device: str, batch: int, size: int, repeats: i
     """Build `name`, time `repeats` calls of `mode` after one warm-up; return throughput and memory."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
     torch.manual_seed(0)
     if name.startswith("medvit"):
         from models import create_model

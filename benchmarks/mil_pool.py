@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # before benchmarks/: its kernels.py would shadow the package
+
 CHILD = r"""
 import json, sys, time, torch
 impl, n, d, hidden, k, repeats, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]

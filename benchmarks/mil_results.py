@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # before benchmarks/: its kernels.py would shadow the package
 
 from medai.data import dataset_path
 from pipelines.mil_benchmark import BenchmarkSettings, results_markdown, run_mil_benchmark

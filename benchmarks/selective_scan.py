@@ -12,7 +12,11 @@ import argparse
 import json
 import multiprocessing as mp
 import resource
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # before benchmarks/: its kernels.py would shadow the package
 
 
 def _measure(impl: str, length: int, batch: int, dim: int, n_state: int, backward: bool, queue) -> None:

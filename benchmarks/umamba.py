@@ -11,10 +11,13 @@ model's volumes/s and its ratio to DynUNet measured in this same run.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # before benchmarks/: its kernels.py would shadow the package
 
 from medai.data import dataset_path
 from models import create_model
