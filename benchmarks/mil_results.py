@@ -27,8 +27,8 @@ from pipelines.mil_benchmark import BenchmarkSettings, results_markdown, run_mil
 MODELS = ("abmil", "acmil", "acmil_aem", "transmil")
 # name -> (dataset key, path inside it, folds, epochs, standardise features, val fraction, default seeds)
 SETS = {
-    "sicapv2": ("mil_sicapv2_128d", "", 5, 20, False, 0.2, 3),
-    "musk1": ("mil_classic", "musk1/musk1.mat", 10, 20, True, 0.1, 1),
+    "sicapv2": ("mil_sicapv2_128d", "", 5, 20, False, 0.2, 5),
+    "musk1": ("mil_classic", "musk1/musk1.mat", 10, 20, True, 0.1, 5),
     "musk2": ("mil_classic", "musk2/musk2.mat", 10, 20, True, 0.1, 1),
     "fox": ("mil_classic", "fox/fox.mat", 10, 20, True, 0.1, 1),
     "tiger": ("mil_classic", "tiger/tiger.mat", 10, 20, True, 0.1, 1),
