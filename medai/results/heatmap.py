@@ -295,6 +295,17 @@ def _tick_labels(scores: np.ndarray, method: Normalize) -> list[str]:
     return [f"{v:.2f}" for v in np.linspace(1, 0, 5)]
 
 
+def _patch_scores(coords: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Return (N, 2) int64 level-0 corners and (N,) float64 scores; refuse mismatched or empty input."""
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(coords) != len(scores):
+        raise ValueError(f"{len(coords)} coords but {len(scores)} scores")
+    if len(coords) == 0:
+        raise ValueError("no patches to draw")
+    return coords, scores
+
+
 def render_heatmap(
     slide: WholeSlide,
     coords: np.ndarray,
@@ -319,12 +330,7 @@ def render_heatmap(
     """
     from medai.transforms.tissue import write_png
 
-    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if len(coords) != len(scores):
-        raise ValueError(f"{len(coords)} coords but {len(scores)} scores")
-    if len(coords) == 0:
-        raise ValueError("no patches to draw")
+    coords, scores = _patch_scores(coords, scores)
     values = normalize_scores(scores, normalize)
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -427,12 +433,7 @@ def render_top_patches(
     from medai.transforms.tissue import write_png
 
     cv2 = optional_import("cv2", "top-patch galleries", "wsi")
-    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if len(coords) != len(scores):
-        raise ValueError(f"{len(coords)} coords but {len(scores)} scores")
-    if len(coords) == 0:
-        raise ValueError("no patches to draw")
+    coords, scores = _patch_scores(coords, scores)
     if k < 1 or columns < 1:
         raise ValueError(f"k and columns must be >= 1, got k={k}, columns={columns}")
     if not 0 <= patch_level < slide.level_count:
