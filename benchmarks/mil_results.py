@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import platform
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +29,20 @@ from medai.data import dataset_path
 from pipelines.mil_benchmark import BenchmarkSettings, results_markdown, run_mil_benchmark
 
 MODELS = ("abmil", "acmil", "acmil_aem", "transmil")
-# name -> (dataset key, path inside it, folds, epochs, standardise features, val fraction, default seeds)
+# name -> (dataset key, path inside it, folds, epochs, standardise features, val fraction, default seeds, task options)
 SETS = {
-    "sicapv2": ("mil_sicapv2_128d", "", 5, 20, False, 0.2, 5),
-    "musk1": ("mil_classic", "musk1/musk1.mat", 10, 20, True, 0.1, 5),
-    "musk2": ("mil_classic", "musk2/musk2.mat", 10, 20, True, 0.1, 1),
-    "fox": ("mil_classic", "fox/fox.mat", 10, 20, True, 0.1, 1),
-    "tiger": ("mil_classic", "tiger/tiger.mat", 10, 20, True, 0.1, 1),
+    "sicapv2": ("mil_sicapv2_128d", "", 5, 20, False, 0.2, 5, {}),
+    "musk1": ("mil_classic", "musk1/musk1.mat", 10, 20, True, 0.1, 5, {}),
+    "musk2": ("mil_classic", "musk2/musk2.mat", 10, 20, True, 0.1, 5, {}),
+    "fox": ("mil_classic", "fox/fox.mat", 10, 20, True, 0.1, 5, {}),
+    "tiger": ("mil_classic", "tiger/tiger.mat", 10, 20, True, 0.1, 5, {}),
+    # MNIST-bags style from real BreastMNIST (positive = holds a malignant image, class 0); bags of each official
+    # split use only that split's images. Folds/val fraction do not apply: the split is the images' own.
+    "breastmnist_bags": ("breastmnist", "", 1, 20, False, 0.0, 5,
+                         {"format": "medmnist_bags", "n_bags": 800, "bag_size": 10, "bag_size_sd": 2.0,
+                          "prevalence": 0.5, "positive_class": 0}),
 }
-# Ilse et al. 2018, Table 1 (10-fold CV accuracy, mean of 5 runs): attention / gated attention.
-PUBLISHED = {"musk1": (0.892, 0.900), "musk2": (0.858, 0.863), "fox": (0.615, 0.603), "tiger": (0.839, 0.845)}
+SECTIONS = Path(__file__).resolve().parent / "results" / "mil"  # <set>.md generated, <set>.notes.md written by hand
 HIGH_GRADE = (2, 3, 4)  # SICAPv2 patch labels: 0 NC, 1 G3, 2 G4, 3 G5, 4 G4 cribriform
 
 
@@ -71,8 +79,21 @@ def sicapv2_attention_by_grade(runs: Path, models: list[str], seed: int, folds: 
     return "\n".join(lines) + "\n"
 
 
+def combined_table(names: list[str]) -> str:
+    """mil_results.md: every set's generated section (in SETS order) followed by its hand-written notes."""
+    parts = ["# MIL benchmark results (measured)", "",
+             "Each section names the command, machine and commit that produced it; regenerate one set with "
+             "`PYTHONPATH=. python benchmarks/mil_results.py --sets NAME` (finished folds are reused).", ""]
+    for name in names:
+        for suffix in (".md", ".notes.md"):
+            path = SECTIONS / f"{name}{suffix}"
+            if path.is_file():
+                parts.append(path.read_text().rstrip() + "\n")
+    return "\n".join(parts)
+
+
 def main() -> None:
-    """Run the selected sets and write the markdown table."""
+    """Run the selected sets, write each set's section, and rebuild the combined table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=["sicapv2", "musk1"], choices=sorted(SETS))
     parser.add_argument("--models", nargs="+", default=list(MODELS))
@@ -81,25 +102,32 @@ def main() -> None:
     parser.add_argument("--table", type=Path, default=Path(__file__).with_name("mil_results.md"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    sections = ["# MIL benchmark results (measured)", "",
-                f"Command: `PYTHONPATH=. python benchmarks/mil_results.py --sets {' '.join(args.sets)} --models "
-                f"{' '.join(args.models)}" + (f" --seeds {args.seeds}" if args.seeds else "") + "` (CPU).", ""]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    SECTIONS.mkdir(parents=True, exist_ok=True)
     for name in args.sets:
-        dataset, relative, folds, epochs, standardize, val_fraction, seeds = SETS[name]
+        dataset, relative, folds, epochs, standardize, val_fraction, seeds, options = SETS[name]
         path = dataset_path(dataset) / relative if relative else dataset_path(dataset)
         settings = BenchmarkSettings(models=tuple(args.models), folds=folds, seeds=tuple(range(args.seeds or seeds)),
-                                     epochs=epochs, standardize=standardize, val_fraction=val_fraction)
+                                     epochs=epochs, standardize=standardize, val_fraction=val_fraction,
+                                     data_options=dict(options))
+        started = time.time()
         results = run_mil_benchmark(path, settings, args.out / name)
-        sections.append(results_markdown(results))
+        section = [results_markdown(results).rstrip(), "",
+                   f"Produced by `PYTHONPATH=. python benchmarks/mil_results.py --sets {name} --models "
+                   f"{' '.join(args.models)}" + (f" --seeds {args.seeds}" if args.seeds else "") +
+                   f"` on {platform.node() or 'this machine'} ({os.cpu_count()} CPUs, no GPU), "
+                   f"{time.strftime('%Y-%m-%d')}, commit `{commit}`, {(time.time() - started) / 60:.0f} min.", ""]
         if name in PUBLISHED:
             att, gated = PUBLISHED[name]
-            sections.append(f"Published (Ilse et al. 2018, Table 1, accuracy; values as listed in the shared data "
-                            f"README, not re-checked against the paper here): attention {att:.3f}, "
-                            f"gated attention {gated:.3f}.\n")
+            section.append(f"Published (Ilse et al. 2018, Table 1, accuracy; values as listed in the shared data "
+                           f"README, not re-checked against the paper here): attention {att:.3f}, "
+                           f"gated attention {gated:.3f}.\n")
         if name == "sicapv2":
-            sections.append(sicapv2_attention_by_grade(args.out / name / "runs", list(args.models), 0, folds,
-                                                       val_fraction))
-        args.table.write_text("\n".join(sections))  # after every set, so partial results are kept
+            section.append(sicapv2_attention_by_grade(args.out / name / "runs", list(args.models), 0, folds,
+                                                      val_fraction))
+        (SECTIONS / f"{name}.md").write_text("\n".join(section))
+        args.table.write_text(combined_table(list(SETS)))  # after every set, so partial results are kept
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ class BenchmarkSettings:
     standardize: bool = True
     val_fraction: float = 0.1
     max_instances: int | None = None
+    data_options: dict[str, Any] = field(default_factory=dict)  # more MIL task options (e.g. MedMNIST-bags size)
     n_boot: int = 1000
     model_kwargs: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(DEFAULT_MODEL_KWARGS))
 
@@ -96,7 +97,7 @@ def _fold_config(path: Path, model: str, seed: int, fold: int, s: BenchmarkSetti
     from pipelines.finetune import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrainerConfig
 
     options = {"folds": s.folds, "fold": fold, "split_seed": seed, "standardize": s.standardize,
-               "val_fraction": s.val_fraction, "max_instances": s.max_instances}
+               "val_fraction": s.val_fraction, "max_instances": s.max_instances, **s.data_options}
     return TrainConfig(
         task="mil",
         model=ModelConfig(name=model, kwargs=dict(s.model_kwargs.get(model, {}))),
@@ -122,21 +123,27 @@ def run_mil_benchmark(path: str | Path, settings: BenchmarkSettings, output_dir:
     from medai.io.mil_bags import MILBag  # noqa: F401  (readers are imported by the task)
     from pipelines.finetune import finetune
     from pipelines.metrics import bootstrap_ci
-    from pipelines.tasks.mil import MILOptions, read_bags, stratified_cv_split
+    from pipelines.tasks.mil import MILOptions, bag_splits, read_bags
 
     path, output_dir = Path(path), Path(output_dir)
     runs_dir = output_dir / "runs"
-    bags = read_bags(path, MILOptions())
+    bags = read_bags(path, MILOptions(**settings.data_options))
+    fixed_split = all(b.meta.get("split") for b in bags)
+    if fixed_split:  # the bags' own split (MedMNIST-bags: official image splits): one "fold", repeated over seeds
+        settings = replace(settings, folds=1)
     labels = np.array([b.label for b in bags])
     ids = [b.bag_id for b in bags]
     task_type = "binary" if labels.max() <= 1 else "multiclass"
-    results: dict[str, Any] = {"dataset": str(path), "n_bags": len(bags), "settings": settings.__dict__, "models": {}}
+    results: dict[str, Any] = {"dataset": str(path), "n_bags": len(bags), "settings": settings.__dict__, "models": {},
+                               "split": "fixed" if fixed_split else "cv",
+                               "n_test_bags": sum(b.meta.get("split") == "test" for b in bags)}
     for model in settings.models:
         per_seed = {}
         for seed in settings.seeds:
             pooled_ids, pooled_prob, pooled_target = [], [], []
             for fold in range(settings.folds):
-                split = stratified_cv_split(labels, settings.folds, fold, seed, settings.val_fraction)
+                split = bag_splits(bags, MILOptions(folds=settings.folds, fold=fold, split_seed=seed,
+                                                    val_fraction=settings.val_fraction))
                 cfg = _fold_config(path, model, seed, fold, settings, runs_dir)
                 run_dir = runs_dir / model / f"seed{seed}" / f"fold{fold}"
                 if not (run_dir / "predictions_test.npz").is_file():
@@ -162,12 +169,23 @@ def run_mil_benchmark(path: str | Path, settings: BenchmarkSettings, output_dir:
     return results
 
 
+def _split_label(results: dict[str, Any]) -> str:
+    if results.get("split") == "fixed":
+        return f"the bags' own train/val/test split, {results['n_test_bags']} test bags"
+    return f"{results['settings']['folds']}-fold CV"
+
+
+def _options_label(settings: dict[str, Any]) -> str:
+    options = settings.get("data_options") or {}
+    return (" [" + ", ".join(f"{k}={v}" for k, v in options.items()) + "]") if options else ""
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """Format benchmark results as a markdown table (per seed with 95% CI, and mean ± SD across seeds)."""
     s = results["settings"]
     lines = [
-        f"### {Path(results['dataset']).name} ({results['n_bags']} bags; {s['folds']}-fold CV, seeds {list(s['seeds'])}, "
-        f"{s['epochs']} epochs)",
+        f"### {Path(results['dataset']).name}{_options_label(s)} ({results['n_bags']} bags; {_split_label(results)}, "
+        f"seeds {list(s['seeds'])}, {s['epochs']} epochs)",
         "",
         "| model | seed | " + " | ".join(HEADLINE) + " |",
         "|---|---|" + "---|" * len(HEADLINE),
@@ -180,5 +198,6 @@ def results_markdown(results: dict[str, Any]) -> str:
             cells = [f"{entry['summary'][k]['mean']:.3f} ± {entry['summary'][k]['sd']:.3f}" for k in HEADLINE]
             lines.append(f"| {model} | mean ± SD | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Out-of-fold predictions pooled over all bags per seed; [95% percentile-bootstrap CI over bags].")
+    lines.append("Test-split predictions per seed; [95% percentile-bootstrap CI over bags]." if results.get("split") == "fixed"
+                 else "Out-of-fold predictions pooled over all bags per seed; [95% percentile-bootstrap CI over bags].")
     return "\n".join(lines) + "\n"

@@ -79,11 +79,17 @@ def read_bags(path: Path, opts: MILOptions) -> list[MILBag]:
         from medai.io.medmnist import load_medmnist
 
         data = load_medmnist(path)
-        images = np.concatenate([split.images for split in data.splits.values()])
-        labels = np.concatenate([split.labels for split in data.splits.values()])
-        # Fixed bag-building seed: every model and training seed sees the same bags.
-        return build_medmnist_bags(images, labels, opts.n_bags, opts.bag_size, opts.bag_size_sd, opts.prevalence,
-                                   opts.positive_class)
+        total = sum(len(split.labels) for split in data.splits.values())
+        bags = []
+        # Bags of each official split draw only that split's images, so no image is in a train bag and a test
+        # bag; a fixed bag-building seed gives every model and training seed the same bags.
+        for offset, (name, split) in enumerate(data.splits.items()):
+            n = max(2, round(opts.n_bags * len(split.labels) / total))
+            for bag in build_medmnist_bags(split.images, split.labels, n, opts.bag_size, opts.bag_size_sd,
+                                           opts.prevalence, opts.positive_class, seed=offset, prefix=f"{name}_bag"):
+                bag.meta["split"] = name
+                bags.append(bag)
+        return bags
     if opts.labels_csv is None:
         raise ValueError(f"{path}: HDF5 feature folders need data.options.labels_csv (slide_id,label)")
     return read_clam_bags(path, opts.labels_csv)
@@ -100,6 +106,18 @@ def stratified_cv_split(labels: np.ndarray, folds: int, fold: int, seed: int, va
     n_val = max(len(np.unique(labels)), int(round(val_fraction * len(train_val))))
     train, val = train_test_split(train_val, test_size=n_val, stratify=labels[train_val], random_state=seed)
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def bag_splits(bags: list[MILBag], opts: MILOptions) -> dict[str, np.ndarray]:
+    """{train, val, test} bag indices: the bags' own split (meta "split", e.g. MedMNIST-bags), else stratified CV."""
+    named = [b.meta.get("split") for b in bags]
+    if all(named):
+        splits = {k: np.flatnonzero(np.array(named) == k) for k in ("train", "val", "test")}
+        if not len(splits["train"]) or not len(splits["test"]):
+            raise ValueError(f"bags carry their split, but train or test is empty: {sorted(set(named))}")
+        return splits
+    labels = np.array([b.label for b in bags])
+    return stratified_cv_split(labels, opts.folds, opts.fold, opts.split_seed, opts.val_fraction)
 
 
 class MILBagDataset(Dataset):
@@ -156,7 +174,7 @@ class MILTask(Task):
                 raise ValueError(f"{opts.splits_csv}: slides without bags: {missing[:5]}")
             splits = {k: np.array([by_id[s] for s in ids], dtype=int) for k, ids in named.items()}
         else:
-            splits = stratified_cv_split(labels, opts.folds, opts.fold, opts.split_seed, opts.val_fraction)
+            splits = bag_splits(bags, opts)
         mean = std = None
         if opts.standardize:
             train_features = np.concatenate([bags[i].features for i in splits["train"]])

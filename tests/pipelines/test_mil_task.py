@@ -105,3 +105,28 @@ def test_fast_binary_metrics_equal_scikit_learn():
         slow = classification_metrics(target, prob, "binary")
         for name in HEADLINE:
             assert fast[name] == pytest.approx(slow[name], abs=1e-12), name
+
+
+def test_medmnist_bags_keep_official_splits_apart(breastmnist_path, tmp_path):
+    from medai.io.medmnist import load_medmnist
+    from pipelines.mil_benchmark import BenchmarkSettings, run_mil_benchmark
+    from pipelines.tasks.mil import bag_splits
+
+    options = {"format": "medmnist_bags", "n_bags": 120, "bag_size": 6, "positive_class": 0}
+    bags = read_bags(breastmnist_path, MILOptions(**options))
+    splits = bag_splits(bags, MILOptions(**options, folds=10, fold=3))  # folds do not apply to the images' own split
+    data = load_medmnist(breastmnist_path)
+    sizes = {name: len(split.labels) for name, split in data.splits.items()}
+    for name, index in splits.items():
+        assert {bags[i].meta["split"] for i in index} == {name}
+        assert all(bags[i].bag_id.startswith(f"{name}_bag") for i in index)
+        assert abs(len(index) - 120 * sizes[name] / sum(sizes.values())) <= 1
+        for i in index:  # every instance is an image of that split only: no image is in a train and a test bag
+            expected = data.splits[name].images[bags[i].meta["image_indices"]].reshape(len(bags[i].features), -1)
+            np.testing.assert_allclose(bags[i].features, expected / 255.0, rtol=1e-6)
+    settings = BenchmarkSettings(models=("abmil",), folds=10, seeds=(0,), epochs=1, n_boot=20, standardize=False,
+                                 data_options=options)
+    results = run_mil_benchmark(breastmnist_path, settings, tmp_path)
+    assert results["split"] == "fixed" and results["settings"]["folds"] == 1
+    assert results["n_test_bags"] == len(splits["test"])
+    assert "own train/val/test split" in (tmp_path / "results.md").read_text()
