@@ -50,6 +50,8 @@ def evaluate(
     model: str = typer.Option("vlm_lite0_smollm2", help="Registered VLM name."),
     run: Optional[Path] = typer.Option(None, help="A `medai finetune` run folder of the VQA task."),
     limit: Optional[int] = typer.Option(None, help="Only the first N test questions (file order)."),
+    blind_run: Optional[Path] = typer.Option(None, help="The question-only run (configs/vqa_rad_blind.yaml): "
+                                             "adds the condition 'blind_trained'."),
     condition: list[str] = typer.Option(["image", "blank", "noise", "blind", "image+vcd"], help="Repeatable."),
     max_new_tokens: int = typer.Option(12),
     batch_size: int = typer.Option(8),
@@ -58,10 +60,40 @@ def evaluate(
     from medai.data import dataset_path
     from pipelines.vqa import VQAEvalConfig, evaluate_vqa_rad, format_summary
 
-    cfg = VQAEvalConfig(dataset_path("vqa_rad"), out, list(condition), limit, batch_size, max_new_tokens)
-    results = evaluate_vqa_rad(_load(model, run), cfg)
+    conditions = list(condition) + (["blind_trained"] if blind_run and "blind_trained" not in condition else [])
+    cfg = VQAEvalConfig(dataset_path("vqa_rad"), out, conditions, limit, batch_size, max_new_tokens)
+    blind = _load(model, blind_run) if blind_run is not None else None
+    results = evaluate_vqa_rad(_load(model, run), cfg, blind_model=blind)
     console.print(format_summary(results))
     console.print(f"written: {out / 'summary.json'}, {out / 'summary.md'}")
+
+
+@vlm_app.command("templated")
+def templated(
+    out: Path = typer.Option(Path("runs/vqa_templated_eval"), help="Output folder for summary.json / summary.md."),
+    model: str = typer.Option("vlm_lite0_smollm2", help="Registered VLM name."),
+    run: Optional[Path] = typer.Option(None, help="A `medai finetune` run folder of the VQA task."),
+    blind_run: Optional[Path] = typer.Option(None, help="The question-only run: adds the condition 'blind_trained'."),
+    per_source: int = typer.Option(40, help="Questions per source (BreastMNIST, hippocampus, DICOM, slides)."),
+    condition: list[str] = typer.Option(["image", "blank", "blind"], help="Repeatable."),
+    max_new_tokens: int = typer.Option(6),
+) -> None:
+    """Templated questions with exact answers from the shared labelled data: accuracy with 95% CIs."""
+    import json
+
+    from medai.data import data_root
+    from medai.io.templated_vqa import templated_question_set
+    from pipelines.vqa import evaluate_templated, format_templated
+
+    questions = templated_question_set(data_root(), per_source)
+    conditions = list(condition) + (["blind_trained"] if blind_run and "blind_trained" not in condition else [])
+    blind = _load(model, blind_run) if blind_run is not None else None
+    results = evaluate_templated(_load(model, run), questions, conditions, max_new_tokens=max_new_tokens,
+                                 blind_model=blind)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(results, indent=2))
+    (out / "summary.md").write_text(format_templated(results))
+    console.print(format_templated(results))
 
 
 @vlm_app.command("report")

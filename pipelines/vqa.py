@@ -5,7 +5,9 @@ Conditions (each a resumable JSONL of per-question predictions under `out_dir`):
 - `blank`/`noise` the image replaced by a black image / uniform noise (visual reliance check:
                  closed accuracy that does not fall towards the blind baseline means the model
                  ignores the image, as LLaVA-Med's users found)
-- `blind`        no image tokens at all, same LM (question-only baseline)
+- `blind`        no image tokens at all, same model (question-only input to the image-trained model)
+- `blind_trained` the question-only baseline proper: the same LM LoRA-tuned on the same training
+                 questions without images (`configs/vqa_rad_blind.yaml`), given as a second model
 - `image+vcd`    the real image with visual contrastive decoding (the mitigation switch)
 Baselines computed without a model: majority answer per answer type from the training split.
 """
@@ -30,6 +32,7 @@ CONDITIONS: dict[str, tuple[str, str]] = {
     "noise": ("noise", "none"),
     "blind": ("none", "none"),
     "image+vcd": ("image", "vcd"),
+    "blind_trained": ("none", "none"),  # answered by the separately trained question-only model
 }
 
 # Published VQA-RAD test results (official split). MEVF figures from the authors' repository
@@ -49,7 +52,7 @@ class VQAEvalConfig:
 
     data_root: Path
     out_dir: Path
-    conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))
+    conditions: list[str] = field(default_factory=lambda: [c for c in CONDITIONS if c != "blind_trained"])
     limit: int | None = None  # first N test items (in file order), for quick runs
     batch_size: int = 8
     max_new_tokens: int = 12
@@ -124,8 +127,11 @@ def summarise(per_item: dict[str, list[float]], n_boot: int) -> dict[str, dict[s
     return result
 
 
-def evaluate_vqa_rad(model: Any, cfg: VQAEvalConfig) -> dict[str, Any]:
-    """Run all conditions on the test split and return (and write) the summary with CIs."""
+def evaluate_vqa_rad(model: Any, cfg: VQAEvalConfig, blind_model: Any | None = None) -> dict[str, Any]:
+    """Run all conditions on the test split and return (and write) the summary with CIs.
+
+    `blind_model` (a question-only model of the same LM) answers the `blind_trained` condition.
+    """
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     train = load_vqa_rad(cfg.data_root, "train")
     test = load_vqa_rad(cfg.data_root, "test")
@@ -134,12 +140,16 @@ def evaluate_vqa_rad(model: Any, cfg: VQAEvalConfig) -> dict[str, Any]:
     majority = majority_answers(train)
     results: dict[str, Any] = {"n_test": len(test), "conditions": {}, "published": PUBLISHED,
                                "majority_answers": majority}
+    for condition in cfg.conditions:  # before any model time is spent
+        if condition not in CONDITIONS:
+            raise ValueError(f"unknown condition '{condition}' (known: {', '.join(CONDITIONS)})")
+        if condition == "blind_trained" and blind_model is None:
+            raise ValueError("condition 'blind_trained' needs the question-only model (medai vlm eval --blind-run RUN)")
     majority_preds = [majority[it.answer_type] for it in test]
     per_item = {"majority": score(test, majority_preds)}
     for condition in cfg.conditions:
-        if condition not in CONDITIONS:
-            raise ValueError(f"unknown condition '{condition}' (known: {', '.join(CONDITIONS)})")
-        records = run_condition(model, test, condition, cfg.out_dir / f"predictions_{condition}.jsonl",
+        answerer = blind_model if condition == "blind_trained" else model
+        records = run_condition(answerer, test, condition, cfg.out_dir / f"predictions_{condition}.jsonl",
                                 cfg.batch_size, cfg.max_new_tokens, cfg.max_time_s)
         per_item[condition] = score(test, [r["prediction"] for r in records])
         results["conditions"][condition] = {"failed": sum("error" in r for r in records),
@@ -147,9 +157,10 @@ def evaluate_vqa_rad(model: Any, cfg: VQAEvalConfig) -> dict[str, Any]:
     for name, values in per_item.items():
         results["conditions"].setdefault(name, {}).update(summarise(values, cfg.n_boot))
     # Paired differences on the same questions: does the image help, and does VCD change anything?
-    contrasts = {"image - blind": ("image", "blind"), "image - blank": ("image", "blank"),
+    contrasts = {"image - blind_trained": ("image", "blind_trained"), "image - blind": ("image", "blind"),
+                 "image - blank": ("image", "blank"),
                  "image - noise": ("image", "noise"), "image+vcd - image": ("image+vcd", "image"),
-                 "image - majority": ("image", "majority")}
+                 "image+vcd - blind_trained": ("image+vcd", "blind_trained"), "image - majority": ("image", "majority")}
     results["paired_closed_acc"] = {}
     for label, (a, b) in contrasts.items():
         if a in per_item and b in per_item:
@@ -186,22 +197,54 @@ def config_dict(cfg: VQAEvalConfig) -> dict[str, Any]:
 
 def evaluate_templated(model: Any, questions: Sequence[Any], conditions: Sequence[str] = ("image", "blank", "blind"),
                        batch_size: int = 8, max_new_tokens: int = 6, max_time_s: float = 900.0,
-                       n_boot: int = 2000) -> dict[str, Any]:
-    """Exact-match accuracy (95% CI) on templated questions (medai.io.templated_vqa) per condition."""
+                       n_boot: int = 2000, blind_model: Any | None = None) -> dict[str, Any]:
+    """Exact-match accuracy (95% CI) on templated questions (medai.io.templated_vqa) per condition and template."""
+    from collections import Counter
+
     from pipelines.text_metrics import closed_correct
 
-    results: dict[str, Any] = {"n": len(questions), "templated": True, "conditions": {}}
+    templates = sorted({q.template for q in questions})
+    results: dict[str, Any] = {"n": len(questions), "templated": True, "conditions": {},
+                               "n_per_template": dict(Counter(q.template for q in questions))}
+    # Baseline without a model: each template's most frequent answer in this set (an upper bound on any
+    # constant answer, since it peeks at the set's own answer distribution).
+    majority = {t: Counter(q.answer for q in questions if q.template == t).most_common(1)[0][0] for t in templates}
+    per_condition = {"majority": [float(closed_correct(majority[q.template], q.answer)) for q in questions]}
     for condition in conditions:
         image_mode, mitigation = CONDITIONS[condition]
+        answerer = blind_model if condition == "blind_trained" else model
+        if answerer is None:
+            raise ValueError("condition 'blind_trained' needs the question-only model")
         correct = []
         for start in range(0, len(questions), batch_size):
             chunk = questions[start : start + batch_size]
             images = [q.image for q in chunk] if image_mode != "none" else None
-            # Templated images are real scans, but BreastMNIST thumbnails are tiny: skip the photo check.
-            gens = model.generate_answers(images, [q.question for q in chunk], image_mode=image_mode,
-                                          mitigation=mitigation, max_new_tokens=max_new_tokens,
-                                          max_time_s=max_time_s, validate=False)
+            # Templated images are real scans and slide tiles (BreastMNIST thumbnails are tiny, H&E is
+            # colourful): skip the photo check.
+            gens = answerer.generate_answers(images, [q.question for q in chunk], image_mode=image_mode,
+                                             mitigation=mitigation, max_new_tokens=max_new_tokens,
+                                             max_time_s=max_time_s, validate=False)
             correct += [float(closed_correct(g.text, q.answer)) for g, q in zip(gens, chunk)]
+        per_condition[condition] = correct
+    for condition, correct in per_condition.items():
         est, lo, hi = bootstrap_ci(correct, n_boot=n_boot)
-        results["conditions"][condition] = {"accuracy": 100 * est, "ci_low": 100 * lo, "ci_high": 100 * hi}
+        entry = {"accuracy": 100 * est, "ci_low": 100 * lo, "ci_high": 100 * hi, "per_template": {}}
+        for t in templates:
+            values = [c for c, q in zip(correct, questions) if q.template == t]
+            est, lo, hi = bootstrap_ci(values, n_boot=n_boot)
+            entry["per_template"][t] = {"accuracy": 100 * est, "ci_low": 100 * lo, "ci_high": 100 * hi}
+        results["conditions"][condition] = entry
     return results
+
+
+def format_templated(results: dict[str, Any]) -> str:
+    """Markdown table of templated-set accuracy (%, 95% CI) per condition, overall and per template."""
+    templates = sorted(results["n_per_template"])
+    lines = [f"Templated questions ({results['n']}; templated, not natural questions), exact-match accuracy %, "
+             "95% bootstrap CIs", "",
+             "| condition | all | " + " | ".join(f"{t} (n={results['n_per_template'][t]})" for t in templates) + " |",
+             "|---|---|" + "---|" * len(templates)]
+    cell = lambda m: f"{m['accuracy']:.1f} [{m['ci_low']:.1f}, {m['ci_high']:.1f}]"  # noqa: E731
+    for name, m in results["conditions"].items():
+        lines.append(f"| {name} | {cell(m)} | " + " | ".join(cell(m["per_template"][t]) for t in templates) + " |")
+    return "\n".join(lines) + "\n"

@@ -9,7 +9,11 @@ disagreement. They are templated, not natural: say so wherever they are reported
   "Is the hippocampus visible in this slice?" (label voxels 1 anterior / 2 posterior).
 - DICOM series: "What is the imaging modality?" (Modality) and "In which plane is this image?"
   (from ImageOrientationPatient: the slice normal's dominant axis).
-Images are returned as uint8 arrays (H, W); nothing here imports torch models.
+- Whole-slide images: a tile of the slide's thumbnail, "Is most of this image covered by tissue?",
+  answered from medai's tissue detector (medai.transforms.tissue) on that thumbnail: "yes" when the
+  tile is at least 60% tissue, "no" at most 10%; tiles in between are ambiguous and not asked. The
+  reference is the detector's mask, not a pathologist's outline.
+Images are returned as uint8 arrays (H, W) or RGB (H, W, 3); nothing here imports torch models.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ MODALITY_NAMES = {"MR": "mri", "CT": "ct", "CR": "x-ray", "DX": "x-ray", "US": "
 class TemplatedQuestion:
     """One templated question about one image, with its exact answer and where it came from."""
 
-    image: np.ndarray  # uint8 (H, W)
+    image: np.ndarray  # uint8 (H, W), or (H, W, 3) for slide tiles
     question: str
     answer: str  # normalised: "yes"/"no", a modality or a plane
     source: str  # file (and index/slice) the image and answer came from
@@ -98,3 +102,44 @@ def dicom_questions(root: str | Path, max_files: int = 20) -> Iterator[Templated
         if "ImageOrientationPatient" in ds:
             yield TemplatedQuestion(image, "In which plane is this image?",
                                     plane_from_orientation(list(ds.ImageOrientationPatient)), str(path), "dicom_plane")
+
+
+def slide_tissue_questions(paths: list[str | Path], thumb_side: int = 1024, tile_px: int = 128,
+                           per_answer: int = 8, tissue_yes: float = 0.6, tissue_no: float = 0.1
+                           ) -> Iterator[TemplatedQuestion]:
+    """Yield up to `per_answer` "yes" and "no" tissue-coverage questions per slide (tiles of its thumbnail)."""
+    from medai.io.wsi import open_slide
+    from medai.transforms.tissue import TissueConfig, detect_tissue
+
+    for path in paths:
+        with open_slide(path) as slide:
+            thumb = slide.thumbnail(thumb_side)
+            downsample = (slide.dimensions[0] / thumb.shape[1], slide.dimensions[1] / thumb.shape[0])
+            tissue = detect_tissue(thumb, downsample, slide.mpp, TissueConfig())
+        tile = min(tile_px, *thumb.shape[:2])
+        found: dict[str, list[TemplatedQuestion]] = {"yes": [], "no": []}
+        for y in range(0, thumb.shape[0] - tile + 1, tile):
+            for x in range(0, thumb.shape[1] - tile + 1, tile):
+                fraction = float(tissue.mask[y : y + tile, x : x + tile].mean())
+                answer = "yes" if fraction >= tissue_yes else "no" if fraction <= tissue_no else None
+                if answer and len(found[answer]) < per_answer:
+                    found[answer].append(TemplatedQuestion(
+                        np.ascontiguousarray(thumb[y : y + tile, x : x + tile]),
+                        "Is most of this image covered by tissue?", answer,
+                        f"{path}:thumb{thumb.shape[1]}x{thumb.shape[0]}:x={x},y={y},tissue={fraction:.2f}",
+                        "slide_tissue_coverage"))
+        yield from found["yes"] + found["no"]
+
+
+def templated_question_set(data_root: str | Path, per_source: int = 40) -> list[TemplatedQuestion]:
+    """The templated set over the shared data: BreastMNIST test, hippocampus slices, DICOM headers, slide tiles."""
+    import itertools
+
+    root = Path(data_root)
+    questions = list(itertools.islice(breastmnist_questions(root / "medmnist" / "breastmnist.npz"), per_source))
+    questions += list(itertools.islice(hippocampus_questions(root / "seg3d" / "msd_task04_hippocampus",
+                                                             max_volumes=per_source // 2), per_source))
+    questions += list(dicom_questions(root / "dicom", max_files=per_source // 2))
+    slides = [p for p in sorted((root / "wsi").glob("*")) if p.suffix.lower() in (".svs", ".tif", ".tiff", ".ndpi")]
+    questions += list(slide_tissue_questions(slides, per_answer=max(1, per_source // (2 * max(1, len(slides))))))
+    return questions

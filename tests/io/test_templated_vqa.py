@@ -35,3 +35,22 @@ def test_dicom_modality_and_plane(dicom_brain_tumor_progression_path):
     assert plane_from_orientation([1, 0, 0, 0, 1, 0]) == "axial"
     assert plane_from_orientation([0, 1, 0, 0, 0, -1]) == "sagittal"
     assert plane_from_orientation([1, 0, 0, 0, 0, -1]) == "coronal"
+
+
+def test_slide_tissue_questions_follow_the_tissue_mask(wsi_cmu1_small_region_path):
+    from medai.io.templated_vqa import slide_tissue_questions
+    from medai.io.wsi import open_slide
+    from medai.transforms.tissue import TissueConfig, detect_tissue
+
+    questions = list(slide_tissue_questions([wsi_cmu1_small_region_path], per_answer=3))
+    assert [q.answer for q in questions] == ["yes"] * 3 + ["no"] * 3  # this slide has tissue and background
+    with open_slide(wsi_cmu1_small_region_path) as slide:
+        thumb = slide.thumbnail(1024)
+        downsample = (slide.dimensions[0] / thumb.shape[1], slide.dimensions[1] / thumb.shape[0])
+        mask = detect_tissue(thumb, downsample, slide.mpp, TissueConfig()).mask
+    for q in questions:
+        where = dict(part.split("=") for part in q.source.rsplit(":", 1)[1].split(","))
+        x, y = int(where["x"]), int(where["y"])
+        assert q.image.shape == (128, 128, 3) and np.array_equal(q.image, thumb[y : y + 128, x : x + 128])
+        fraction = mask[y : y + 128, x : x + 128].mean()
+        assert (fraction >= 0.6) if q.answer == "yes" else (fraction <= 0.1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from pipelines.text_metrics import bleu, bootstrap_ci, closed_correct, paired_bootstrap_diff, rouge_l, token_scores
 from pipelines.vqa import VQAEvalConfig, evaluate_vqa_rad
@@ -36,16 +37,19 @@ def test_bootstrap_ci_brackets_the_estimate():
 
 def test_evaluation_job_runs_all_conditions_and_resumes(tiny_vlm, vqa_rad_path, tmp_path):
     cfg = VQAEvalConfig(data_root=vqa_rad_path, out_dir=tmp_path, limit=6, batch_size=3, max_new_tokens=2, n_boot=50)
-    results = evaluate_vqa_rad(tiny_vlm, cfg)
+    cfg.conditions.append("blind_trained")
+    with pytest.raises(ValueError, match="question-only model"):
+        evaluate_vqa_rad(tiny_vlm, cfg)
+    results = evaluate_vqa_rad(tiny_vlm, cfg, blind_model=tiny_vlm)
     assert results["n_test"] == 6
-    for condition in ("majority", "image", "blank", "noise", "blind", "image+vcd"):
+    for condition in ("majority", "image", "blank", "noise", "blind", "image+vcd", "blind_trained"):
         acc = results["conditions"][condition]["closed_acc"]
         assert 0 <= acc["ci_low"] <= acc["value"] <= acc["ci_high"] <= 100
-    assert "image - blind" in results["paired_closed_acc"]
+    assert {"image - blind", "image - blind_trained", "image+vcd - blind_trained"} <= set(results["paired_closed_acc"])
     lines = (tmp_path / "predictions_image.jsonl").read_text().splitlines()
     assert len(lines) == 6 and all("prediction" in json.loads(x) for x in lines)
     assert "MEVF+BAN" in (tmp_path / "summary.md").read_text()
-    evaluate_vqa_rad(tiny_vlm, cfg)  # resumes: nothing is answered twice
+    evaluate_vqa_rad(tiny_vlm, cfg, blind_model=tiny_vlm)  # resumes: nothing is answered twice
     assert len((tmp_path / "predictions_image.jsonl").read_text().splitlines()) == 6
 
 
@@ -56,8 +60,15 @@ def test_templated_evaluation_scores_each_condition(tiny_vlm, breastmnist_path):
     from pipelines.vqa import evaluate_templated
 
     questions = list(itertools.islice(breastmnist_questions(breastmnist_path), 4))
-    results = evaluate_templated(tiny_vlm, questions, max_new_tokens=2, n_boot=20)
+    results = evaluate_templated(tiny_vlm, questions, ("image", "blank", "blind", "blind_trained"), max_new_tokens=2,
+                                 n_boot=20, blind_model=tiny_vlm)
     assert results["templated"] and results["n"] == 4
-    for condition in ("image", "blank", "blind"):
+    for condition in ("majority", "image", "blank", "blind", "blind_trained"):
         m = results["conditions"][condition]
         assert 0 <= m["ci_low"] <= m["accuracy"] <= m["ci_high"] <= 100
+        assert set(m["per_template"]) == {"breastmnist_malignant"}
+    majority = "yes" if [q.answer for q in questions].count("yes") > 2 else "no"
+    assert results["conditions"]["majority"]["accuracy"] == 100 * np.mean([q.answer == majority for q in questions])
+    from pipelines.vqa import format_templated
+
+    assert "| blind_trained |" in format_templated(results)
