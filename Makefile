@@ -13,7 +13,7 @@ TORCH_PINS := torch==2.9.1 torchvision==0.24.1
 endif
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test test-all bench doctor clean
+.PHONY: setup system-deps demo test test-all bench doctor vqa-rad clean
 
 $(VENV)/.torch:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ bench: setup
 	@failed=""; for b in benchmarks/*.py; do case $$b in */make_*|*_report.py) continue;; esac; \
 	  echo "== $$b"; PYTHONPATH=. $(PY) $$b || failed="$$failed $$b"; done; \
 	  if [ -n "$$failed" ]; then echo "benchmarks failed:$$failed"; exit 1; fi
+
+# Hours on a CPU (three LM trainings and six test conditions); the VLM card's numbers come from it.
+vqa-rad: setup
+	bash scripts/vqa_rad.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
