@@ -42,6 +42,8 @@ SETS = {
                          {"format": "medmnist_bags", "n_bags": 800, "bag_size": 10, "bag_size_sd": 2.0,
                           "prevalence": 0.5, "positive_class": 0}),
 }
+# Ilse et al. 2018, Table 1 (10-fold CV accuracy, mean of 5 runs): attention / gated attention.
+PUBLISHED = {"musk1": (0.892, 0.900), "musk2": (0.858, 0.863), "fox": (0.615, 0.603), "tiger": (0.839, 0.845)}
 SECTIONS = Path(__file__).resolve().parent / "results" / "mil"  # <set>.md generated, <set>.notes.md written by hand
 HIGH_GRADE = (2, 3, 4)  # SICAPv2 patch labels: 0 NC, 1 G3, 2 G4, 3 G5, 4 G4 cribriform
 

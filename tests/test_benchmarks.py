@@ -30,3 +30,23 @@ def test_benchmark_imports_resolve_to_the_project(script):
     out = subprocess.run([sys.executable, "-c", PROBE, str(ROOT / "benchmarks" / script), str(ROOT / "benchmarks")],
                          capture_output=True, text=True, cwd=ROOT / "benchmarks", timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_mil_results_writes_a_section_per_set_and_keeps_the_others(mil_classic_path, tmp_path, monkeypatch):
+    import runpy
+
+    script = runpy.run_path(str(ROOT / "benchmarks" / "mil_results.py"), run_name="mil_results_under_test")
+    main = script["main"]
+    sections = tmp_path / "sections"
+    sections.mkdir()
+    (sections / "fox.md").write_text("### fox.mat (an earlier run)\n")
+    (sections / "musk1.notes.md").write_text("Notes (Musk1): kept.\n")
+    main.__globals__["SECTIONS"] = sections
+    main.__globals__["SETS"]["musk1"] = ("mil_classic", "musk1/musk1.mat", 2, 1, True, 0.1, 1, {})
+    monkeypatch.setattr(sys, "argv", ["mil_results.py", "--sets", "musk1", "--models", "abmil",
+                                      "--out", str(tmp_path / "runs"), "--table", str(tmp_path / "table.md")])
+    main()
+    section = (sections / "musk1.md").read_text()
+    assert "| abmil | 0 |" in section and "gated attention 0.900" in section and "--sets musk1" in section
+    table = (tmp_path / "table.md").read_text()
+    assert table.index("### musk1.mat") < table.index("Notes (Musk1): kept.") < table.index("### fox.mat (an earlier run)")
