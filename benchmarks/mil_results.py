@@ -113,13 +113,13 @@ def main() -> None:
         settings = BenchmarkSettings(models=tuple(args.models), folds=folds, seeds=tuple(range(args.seeds or seeds)),
                                      epochs=epochs, standardize=standardize, val_fraction=val_fraction,
                                      data_options=dict(options))
-        started = time.time()
         results = run_mil_benchmark(path, settings, args.out / name)
         section = [results_markdown(results).rstrip(), "",
                    f"Produced by `PYTHONPATH=. python benchmarks/mil_results.py --sets {name} --models "
                    f"{' '.join(args.models)}" + (f" --seeds {args.seeds}" if args.seeds else "") +
                    f"` on {platform.node() or 'this machine'} ({os.cpu_count()} CPUs, no GPU), "
-                   f"{time.strftime('%Y-%m-%d')}, commit `{commit}`, {(time.time() - started) / 60:.0f} min.", ""]
+                   f"{time.strftime('%Y-%m-%d')}, commit `{commit}` (folds finished by an earlier run of the same "
+                   f"settings are reused, not retrained).", ""]
         if name in PUBLISHED:
             att, gated = PUBLISHED[name]
             section.append(f"Published (Ilse et al. 2018, Table 1, accuracy; values as listed in the shared data "
