@@ -94,6 +94,32 @@ def combined_table(names: list[str]) -> str:
     return "\n".join(parts)
 
 
+def medmnist_attention_on_positives(runs: Path, models: list[str], seed: int, path: Path, options: dict) -> str:
+    """Markdown table: in positive test bags, the malignant images' share of attention vs of instances."""
+    from models import create_model
+    from pipelines.mil_heatmaps import attention_by_instance_label, attention_maps
+    from pipelines.tasks.mil import MILOptions, bag_splits, read_bags
+
+    bags = read_bags(path, MILOptions(**options))
+    test = [bags[i] for i in bag_splits(bags, MILOptions(**options))["test"] if bags[i].label == 1]
+    lines = [f"Where attention lands (seed {seed}, positive test bags; instance labels are the images' own):", "",
+             "| model | bags | malignant share of images | malignant share of attention | ratio |",
+             "|---|---|---|---|---|"]
+    for name in models:
+        run = runs / name / f"seed{seed}" / "fold0"
+        kwargs = yaml.safe_load((run / "config.yaml").read_text())["model"]["kwargs"]
+        model = create_model(name, pretrained=run / "checkpoints" / "best" / "model.safetensors",
+                             in_features=test[0].features.shape[1], num_classes=2, **kwargs)
+        image_shares, attention_shares = [], []
+        for bag in test:
+            shares = attention_by_instance_label(attention_maps(model, bag.features).slide_scores, bag.instance_labels)
+            image_shares.append(shares[1]["patch_share"])
+            attention_shares.append(shares[1]["attention_share"])
+        p, a = float(np.mean(image_shares)), float(np.mean(attention_shares))
+        lines.append(f"| {name} | {len(test)} | {p:.3f} | {a:.3f} | {a / p:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     """Run the selected sets, write each set's section, and rebuild the combined table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -125,6 +151,9 @@ def main() -> None:
             section.append(f"Published (Ilse et al. 2018, Table 1, accuracy; values as listed in the shared data "
                            f"README, not re-checked against the paper here): attention {att:.3f}, "
                            f"gated attention {gated:.3f}.\n")
+        if options.get("format") == "medmnist_bags":
+            section.append(medmnist_attention_on_positives(args.out / name / "runs", list(args.models), 0, path,
+                                                           options))
         if name == "sicapv2":
             section.append(sicapv2_attention_by_grade(args.out / name / "runs", list(args.models), 0, folds,
                                                       val_fraction))
