@@ -201,6 +201,8 @@ def evaluate_templated(model: Any, questions: Sequence[Any], conditions: Sequenc
     """Exact-match accuracy (95% CI) on templated questions (medai.io.templated_vqa) per condition and template."""
     from collections import Counter
 
+    from tqdm import tqdm
+
     from pipelines.text_metrics import closed_correct
 
     templates = sorted({q.template for q in questions})
@@ -216,7 +218,7 @@ def evaluate_templated(model: Any, questions: Sequence[Any], conditions: Sequenc
         if answerer is None:
             raise ValueError("condition 'blind_trained' needs the question-only model")
         correct = []
-        for start in range(0, len(questions), batch_size):
+        for start in tqdm(range(0, len(questions), batch_size), desc=f"templated {condition}", unit="batch"):
             chunk = questions[start : start + batch_size]
             images = [q.image for q in chunk] if image_mode != "none" else None
             # Templated images are real scans and slide tiles (BreastMNIST thumbnails are tiny, H&E is
