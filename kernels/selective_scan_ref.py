@@ -117,18 +117,22 @@ def _block_scan(a: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     A loop over the few steps of dim -3, each step vectorized over every other dim (all blocks
     of the sequence at once, and the contiguous (dim, N) tail): O(L) work in few Python steps.
     """
-    hs, ps = [x[..., 0, :, :]], [a[..., 0, :, :]]
+    # Written in place into preallocated outputs: a list + torch.stack copied every step once more.
+    h, p = torch.empty_like(x), torch.empty_like(a)
+    h[..., 0, :, :] = x[..., 0, :, :]
+    p[..., 0, :, :] = a[..., 0, :, :]
     for t in range(1, a.shape[-3]):
-        hs.append(torch.addcmul(x[..., t, :, :], a[..., t, :, :], hs[-1]))
-        ps.append(a[..., t, :, :] * ps[-1])
-    return torch.stack(hs, -3), torch.stack(ps, -3)
+        torch.addcmul(x[..., t, :, :], a[..., t, :, :], h[..., t - 1, :, :], out=h[..., t, :, :])
+        torch.mul(a[..., t, :, :], p[..., t - 1, :, :], out=p[..., t, :, :])
+    return h, p
 
 
-def linear_scan(a: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_scan(a: torch.Tensor, x: torch.Tensor, need_p: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Solve h_t = a_t h_{t-1} + x_t (h_{-1} = 0) for a, x of shape (..., L, dim, N).
 
     O(L) work in O(16 log16 L) vectorized steps. Returns (h, P) where P_t = a_0 a_1 ... a_t
-    (the factor a nonzero initial state is multiplied by).
+    (the factor a nonzero initial state is multiplied by); P is None when `need_p` is False,
+    which saves a full-size product the callers that start from zero never read.
     """
     length = a.shape[-3]
     if length <= _LEAF:
@@ -141,12 +145,14 @@ def linear_scan(a: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     blocks = a.shape[-3] // _LEAF
     h_local, p_local = _block_scan(a.unflatten(-3, (blocks, _LEAF)), x.unflatten(-3, (blocks, _LEAF)))
     # States at the end of each block, solved by the same scan one level up.
-    h_ends, p_ends = linear_scan(p_local[..., -1, :, :], h_local[..., -1, :, :])
+    h_ends, p_ends = linear_scan(p_local[..., -1, :, :], h_local[..., -1, :, :], need_p=need_p)
     carry_h = F.pad(h_ends[..., :-1, :, :], (0, 0, 0, 0, 1, 0), value=0.0)
+    h = torch.addcmul(h_local, p_local, carry_h[..., None, :, :]).flatten(-4, -3)[..., :length, :, :]
+    if not need_p:
+        return h, None
     carry_p = F.pad(p_ends[..., :-1, :, :], (0, 0, 0, 0, 1, 0), value=1.0)
-    h = torch.addcmul(h_local, p_local, carry_h[..., None, :, :]).flatten(-4, -3)
     p = (p_local * carry_p[..., None, :, :]).flatten(-4, -3)
-    return h[..., :length, :, :], p[..., :length, :, :]
+    return h, p[..., :length, :, :]
 
 
 class _LinearRecurrence(torch.autograd.Function):
@@ -161,7 +167,7 @@ class _LinearRecurrence(torch.autograd.Function):
     def forward(ctx, a, x, h0):
         # Fold the initial state into the first input: h_0 = a_0 h0 + x_0.
         first = torch.addcmul(x[..., :1, :, :], a[..., :1, :, :], h0[..., None, :, :])
-        h, _ = linear_scan(a, torch.cat([first, x[..., 1:, :, :]], -3))
+        h, _ = linear_scan(a, torch.cat([first, x[..., 1:, :, :]], -3), need_p=False)
         ctx.save_for_backward(a, h, h0)
         return h
 
@@ -169,7 +175,7 @@ class _LinearRecurrence(torch.autograd.Function):
     def backward(ctx, grad_h):
         a, h, h0 = ctx.saved_tensors
         next_a = torch.cat([a[..., 1:, :, :], torch.zeros_like(a[..., :1, :, :])], -3)
-        lam, _ = linear_scan(next_a.flip(-3), grad_h.flip(-3))
+        lam, _ = linear_scan(next_a.flip(-3), grad_h.flip(-3), need_p=False)
         lam = lam.flip(-3)
         h_prev = torch.cat([h0[..., None, :, :], h[..., :-1, :, :]], -3)
         return lam * h_prev, lam, a[..., 0, :, :] * lam[..., 0, :, :]

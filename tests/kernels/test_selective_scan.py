@@ -136,6 +136,9 @@ def test_linear_scan_matches_a_loop_with_padding_levels():
         prod = prod * a[:, t]
         torch.testing.assert_close(h[:, t], state)
         torch.testing.assert_close(p[:, t], prod)
+    h_only, no_p = linear_scan(a, x, need_p=False)  # what the recurrence's forward and adjoint use
+    assert no_p is None
+    torch.testing.assert_close(h_only, h, rtol=0, atol=0)
 
 
 def test_public_op_runs_the_reference_on_cpu(monkeypatch):
