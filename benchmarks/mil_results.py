@@ -48,10 +48,18 @@ SECTIONS = Path(__file__).resolve().parent / "results" / "mil"  # <set>.md gener
 HIGH_GRADE = (2, 3, 4)  # SICAPv2 patch labels: 0 NC, 1 G3, 2 G4, 3 G5, 4 G4 cribriform
 
 
+def fold_model(run: Path, name: str, in_features: int):
+    """The best checkpoint of one benchmark fold run, built with the kwargs that run was trained with."""
+    from models import create_model
+
+    kwargs = yaml.safe_load((run / "config.yaml").read_text())["model"]["kwargs"]
+    return create_model(name, pretrained=run / "checkpoints" / "best" / "model.safetensors",
+                        in_features=in_features, num_classes=2, **kwargs)
+
+
 def sicapv2_attention_by_grade(runs: Path, models: list[str], seed: int, folds: int, val_fraction: float) -> str:
     """Markdown table: out-of-fold high-grade share of attention vs of patches in cancerous SICAPv2 slides."""
     from medai.io.mil_bags import read_sicapv2_bags
-    from models import create_model
     from pipelines.mil_heatmaps import attention_by_instance_label, attention_grid_png, attention_maps
     from pipelines.tasks.mil import stratified_cv_split
 
@@ -65,10 +73,7 @@ def sicapv2_attention_by_grade(runs: Path, models: list[str], seed: int, folds: 
     for name in models:
         patch_shares, attention_shares = [], []
         for i, bag in enumerate(bags):
-            run = runs / name / f"seed{seed}" / f"fold{test_fold[i]}"
-            kwargs = yaml.safe_load((run / "config.yaml").read_text())["model"]["kwargs"]
-            model = create_model(name, pretrained=run / "checkpoints" / "best" / "model.safetensors",
-                                 in_features=128, num_classes=2, **kwargs)
+            model = fold_model(runs / name / f"seed{seed}" / f"fold{test_fold[i]}", name, in_features=128)
             maps = attention_maps(model, bag.features, bag.coords)
             attention_grid_png(maps, runs.parent / "attention" / name / f"{bag.bag_id}.png",
                                title=f"{name}: {bag.bag_id} (label {bag.label}, fold {test_fold[i]} test)")
@@ -96,7 +101,6 @@ def combined_table(names: list[str]) -> str:
 
 def medmnist_attention_on_positives(runs: Path, models: list[str], seed: int, path: Path, options: dict) -> str:
     """Markdown table: in positive test bags, the malignant images' share of attention vs of instances."""
-    from models import create_model
     from pipelines.mil_heatmaps import attention_by_instance_label, attention_maps
     from pipelines.tasks.mil import MILOptions, bag_splits, read_bags
 
@@ -106,10 +110,7 @@ def medmnist_attention_on_positives(runs: Path, models: list[str], seed: int, pa
              "| model | bags | malignant share of images | malignant share of attention | ratio |",
              "|---|---|---|---|---|"]
     for name in models:
-        run = runs / name / f"seed{seed}" / "fold0"
-        kwargs = yaml.safe_load((run / "config.yaml").read_text())["model"]["kwargs"]
-        model = create_model(name, pretrained=run / "checkpoints" / "best" / "model.safetensors",
-                             in_features=test[0].features.shape[1], num_classes=2, **kwargs)
+        model = fold_model(runs / name / f"seed{seed}" / "fold0", name, in_features=test[0].features.shape[1])
         image_shares, attention_shares = [], []
         for bag in test:
             shares = attention_by_instance_label(attention_maps(model, bag.features).slide_scores, bag.instance_labels)

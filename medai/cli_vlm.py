@@ -25,6 +25,14 @@ def _load(model: str, run: Optional[Path]) -> Any:
     return loaded.eval() if hasattr(loaded, "eval") else loaded
 
 
+def _with_blind(model: str, run: Optional[Path], blind_run: Optional[Path], condition: list[str]
+                ) -> tuple[Any, Any, list[str]]:
+    """The evaluated model, the question-only model (if a run is given) and the conditions, 'blind_trained' added."""
+    conditions = list(condition) + (["blind_trained"] if blind_run and "blind_trained" not in condition else [])
+    blind = _load(model, blind_run) if blind_run is not None else None
+    return _load(model, run), blind, conditions
+
+
 @vlm_app.command("ask")
 def ask(
     image: Path = typer.Argument(..., help="Image file (PNG/JPEG; a DICOM frame exported as an image)."),
@@ -60,10 +68,9 @@ def evaluate(
     from medai.data import dataset_path
     from pipelines.vqa import VQAEvalConfig, evaluate_vqa_rad, format_summary
 
-    conditions = list(condition) + (["blind_trained"] if blind_run and "blind_trained" not in condition else [])
+    vlm, blind, conditions = _with_blind(model, run, blind_run, condition)
     cfg = VQAEvalConfig(dataset_path("vqa_rad"), out, conditions, limit, batch_size, max_new_tokens)
-    blind = _load(model, blind_run) if blind_run is not None else None
-    results = evaluate_vqa_rad(_load(model, run), cfg, blind_model=blind)
+    results = evaluate_vqa_rad(vlm, cfg, blind_model=blind)
     console.print(format_summary(results))
     console.print(f"written: {out / 'summary.json'}, {out / 'summary.md'}")
 
@@ -86,10 +93,8 @@ def templated(
     from pipelines.vqa import evaluate_templated, format_templated
 
     questions = templated_question_set(data_root(), per_source)
-    conditions = list(condition) + (["blind_trained"] if blind_run and "blind_trained" not in condition else [])
-    blind = _load(model, blind_run) if blind_run is not None else None
-    results = evaluate_templated(_load(model, run), questions, conditions, max_new_tokens=max_new_tokens,
-                                 blind_model=blind)
+    vlm, blind, conditions = _with_blind(model, run, blind_run, condition)
+    results = evaluate_templated(vlm, questions, conditions, max_new_tokens=max_new_tokens, blind_model=blind)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(results, indent=2))
     (out / "summary.md").write_text(format_templated(results))

@@ -127,6 +127,15 @@ def summarise(per_item: dict[str, list[float]], n_boot: int) -> dict[str, dict[s
     return result
 
 
+def check_conditions(conditions: Sequence[str], blind_model: Any | None) -> None:
+    """Refuse unknown conditions, and 'blind_trained' without its model, before any model time is spent."""
+    for condition in conditions:
+        if condition not in CONDITIONS:
+            raise ValueError(f"unknown condition '{condition}' (known: {', '.join(CONDITIONS)})")
+        if condition == "blind_trained" and blind_model is None:
+            raise ValueError("condition 'blind_trained' needs the question-only model (medai vlm eval --blind-run RUN)")
+
+
 def evaluate_vqa_rad(model: Any, cfg: VQAEvalConfig, blind_model: Any | None = None) -> dict[str, Any]:
     """Run all conditions on the test split and return (and write) the summary with CIs.
 
@@ -140,11 +149,7 @@ def evaluate_vqa_rad(model: Any, cfg: VQAEvalConfig, blind_model: Any | None = N
     majority = majority_answers(train)
     results: dict[str, Any] = {"n_test": len(test), "conditions": {}, "published": PUBLISHED,
                                "majority_answers": majority}
-    for condition in cfg.conditions:  # before any model time is spent
-        if condition not in CONDITIONS:
-            raise ValueError(f"unknown condition '{condition}' (known: {', '.join(CONDITIONS)})")
-        if condition == "blind_trained" and blind_model is None:
-            raise ValueError("condition 'blind_trained' needs the question-only model (medai vlm eval --blind-run RUN)")
+    check_conditions(cfg.conditions, blind_model)
     majority_preds = [majority[it.answer_type] for it in test]
     per_item = {"majority": score(test, majority_preds)}
     for condition in cfg.conditions:
@@ -212,11 +217,10 @@ def evaluate_templated(model: Any, questions: Sequence[Any], conditions: Sequenc
     # constant answer, since it peeks at the set's own answer distribution).
     majority = {t: Counter(q.answer for q in questions if q.template == t).most_common(1)[0][0] for t in templates}
     per_condition = {"majority": [float(closed_correct(majority[q.template], q.answer)) for q in questions]}
+    check_conditions(conditions, blind_model)
     for condition in conditions:
         image_mode, mitigation = CONDITIONS[condition]
         answerer = blind_model if condition == "blind_trained" else model
-        if answerer is None:
-            raise ValueError("condition 'blind_trained' needs the question-only model")
         correct = []
         for start in tqdm(range(0, len(questions), batch_size), desc=f"templated {condition}", unit="batch"):
             chunk = questions[start : start + batch_size]
