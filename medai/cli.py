@@ -80,8 +80,9 @@ def demo(
     result = run_finetune(cfg)
     if result.test_report:
         for name, m in result.test_report["metrics"].items():
-            console.print(f"test {name}: {m['value']:.4f} (95% CI {m['low']:.4f}-{m['high']:.4f})")
-    console.print(f"Report, curves and checkpoints: {result.run_dir} (eval_test.md, curves.png, checkpoints/)")
+            console.print(f"{result.test_report['split']} {name}: {m['value']:.4f} (95% CI {m['low']:.4f}-{m['high']:.4f})")
+    console.print(f"Report, curves and checkpoints: {result.run_dir} "
+                  f"(eval_{cfg.trainer.evaluate_split}.md, curves.png, checkpoints/)")
 
 
 @app.command()
@@ -108,7 +109,7 @@ def finetune(
     console.print(f"run: {result.run_dir}  best validation metric {result.best_metric} (epoch {result.best_epoch})")
     if result.test_report:
         for name, m in result.test_report["metrics"].items():
-            console.print(f"test {name}: {m['value']:.4f} (95% CI {m['low']:.4f}-{m['high']:.4f})")
+            console.print(f"{result.test_report['split']} {name}: {m['value']:.4f} (95% CI {m['low']:.4f}-{m['high']:.4f})")
 
 
 @app.command()

@@ -76,16 +76,22 @@ def evaluate_run(
     task: Task | None = None,
     data: TaskData | None = None,
     model: nn.Module | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run on `split`, write the report files, and return the report."""
+    """Evaluate a run on `split`, write the report files, and return the report.
+
+    batch_size: None takes the run's own evaluation batch size (`data.eval_batch_size`, else
+    `data.batch_size`), so the reported numbers are those of the batching the run validated with.
+    """
     run_dir = Path(run_dir)
     if task is None or data is None or model is None:
-        _, task, data, model = load_run(run_dir, checkpoint)
+        cfg, task, data, model = load_run(run_dir, checkpoint)
+        batch_size = batch_size or cfg.data.eval_batch_size or cfg.data.batch_size
     else:
         from pipelines.checkpointing import load_model_state
 
         load_model_state(model, run_dir / "checkpoints" / checkpoint / "model.safetensors")
-    preds = predict_split(task, model, data, split)
+    preds = predict_split(task, model, data, split, batch_size or 64)
     np.savez_compressed(run_dir / f"predictions_{split}.npz", **preds)
     metrics = bootstrap_ci(task.metrics, preds, n_boot=n_boot)
     report = {
@@ -192,7 +198,9 @@ def compare_runs(run_a: str | Path, run_b: str | Path, split: str = "test", n_bo
             evaluate_run(run, split, n_boot=0)
         with np.load(path) as f:
             preds.append({k: f[k] for k in f.files})
-    if not np.array_equal(preds[0]["target"], preds[1]["target"]):
+    # Items are paired by their targets (classification) or their dataset index (segmentation).
+    key = "target" if "target" in preds[0] else "index"
+    if key not in preds[1] or not np.array_equal(preds[0][key], preds[1][key]):
         raise MedaiError(f"{run_a} and {run_b} were not evaluated on the same items of '{split}'")
     _, task, _, _ = load_run(run_a)
     result = {"a": str(run_a), "b": str(run_b), "split": split, "n_boot": n_boot,

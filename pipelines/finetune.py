@@ -5,7 +5,8 @@ plug-in (`pipelines.tasks`) supplies data, model, loss, predictions and metrics;
 supplies devices and processes (Hugging Face accelerate: one CPU, one GPU, or
 `accelerate launch` / `torchrun` across processes), precision, accumulation, clipping, EMA,
 schedules, non-finite guards, early stopping, safetensors checkpoints with exact resume,
-progress bars, metric logs and curves.
+progress bars, metric logs and curves. Equal-time comparisons (`trainer.time_budget_minutes`)
+calibrate each run's step count on its first steps, so the run stays deterministic afterwards.
 
 Exact resume: the sampler's order and each item's augmentation are functions of
 (seed, epoch, index), and every optimizer step boundary can be checkpointed with the RNG states,
@@ -108,6 +109,11 @@ class TrainerConfig:
 
     epochs: int = 10
     max_steps: int | None = None  # stop after this many optimizer steps (all epochs)
+    # Equal-time comparisons: after `budget_calibration_steps` steps the mean step time fixes the
+    # run's step count to fit this budget (then the run is deterministic and resumes exactly).
+    time_budget_minutes: float | None = None
+    budget_calibration_steps: int = 20
+    eval_every_epochs: int = 1  # validate every N epochs and always after the last one
     limit_train_batches: int | None = None  # use only the first N batches of each epoch (quick checks)
     grad_accum: int = 1
     precision: Literal["auto", "no", "fp16", "bf16"] = "no"
@@ -123,6 +129,7 @@ class TrainerConfig:
     tensorboard: bool = False
     n_boot: int = 1000  # bootstrap resamples for the test-set CIs
     evaluate_test: bool = True
+    evaluate_split: str = "test"  # split scored with CIs at the end ("val" where a set has no test split)
 
 
 @dataclass
@@ -423,7 +430,32 @@ class Trainer:
 
             self.ema = ModelEmaV3(self.accelerator.unwrap_model(self.model), decay=t.ema_decay)
         self.state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "best_metric": None, "best_epoch": None,
-                      "epochs_without_improvement": 0, "nonfinite_steps": 0, "history": [], "finished": False}
+                      "epochs_without_improvement": 0, "nonfinite_steps": 0, "history": [], "finished": False,
+                      "train_seconds": 0.0, "budget_steps": None}
+        self._step_seconds: list[float] = []
+
+    def _set_total_steps(self, total: int) -> None:
+        """Cap the run at `total` optimizer steps and stretch the LR schedule over them."""
+        self.total_steps = total
+        self.scheduler.lr_lambdas = [lr_lambda(self.cfg.schedule, total)] * len(self.scheduler.lr_lambdas)
+
+    def _account_step(self, seconds: float) -> None:
+        """Add one step's wall time; once calibrated, fix the step count that fits the time budget."""
+        t = self.cfg.trainer
+        self.state["train_seconds"] += seconds
+        if not t.time_budget_minutes or self.state["budget_steps"] is not None:
+            return
+        self._step_seconds.append(seconds)
+        # The first steps pay one-off costs (allocator growth, lazy imports): leave two out.
+        if len(self._step_seconds) < t.budget_calibration_steps + 2:
+            return
+        per_step = float(np.median(self._step_seconds[2:]))
+        steps = max(self.state["global_step"], int(t.time_budget_minutes * 60 / per_step))
+        # Gather so that every process stops at the same step.
+        steps = int(self.accelerator.gather(torch.tensor([steps], device=self.accelerator.device)).min())
+        self.state["budget_steps"] = steps
+        self._set_total_steps(min(self.total_steps, steps))
+        log.info("time budget %.1f min at %.3f s/step: %d steps", t.time_budget_minutes, per_step, steps)
 
     # -- checkpoints -------------------------------------------------------------
 
@@ -487,6 +519,8 @@ class Trainer:
         self.scheduler.load_state_dict(state.pop("scheduler"))
         state.pop("world_size", None)
         self.state.update(state)
+        if self.state["budget_steps"] is not None:
+            self._set_total_steps(min(self.total_steps, self.state["budget_steps"]))
         ckpt.load_rng(found / f"rng_rank{self.rank}.safetensors")
         log.info("resumed %s at epoch %d batch %d (step %d)", self.run_dir, state["epoch"],
                  state["batch_in_epoch"], state["global_step"])
@@ -593,6 +627,7 @@ class Trainer:
                        disable=not self.main, leave=False, dynamic_ncols=True)
             running, count = 0.0, 0
             optimizer.zero_grad(set_to_none=True)
+            tick = time.perf_counter()
             for i, batch in enumerate(loader, start=start):
                 batch = move_to(batch, self.accelerator.device)
                 boundary = (i + 1) % t.grad_accum == 0 or i + 1 == n_batches
@@ -626,6 +661,9 @@ class Trainer:
                     self.ema.update(self.accelerator.unwrap_model(model), step=self.state["global_step"])
                 self.state["global_step"] += 1
                 self.state["batch_in_epoch"] = i + 1
+                now = time.perf_counter()
+                self._account_step(now - tick)
+                tick = now
                 step = self.state["global_step"]
                 if count and step % t.log_every_steps == 0:
                     bar.set_postfix(loss=f"{running / count:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
@@ -641,23 +679,28 @@ class Trainer:
             bar.close()
             record = {"epoch": epoch + 1, "step": self.state["global_step"],
                       "train_loss": running / count if count else float("nan"),
-                      "lr": self.scheduler.get_last_lr()[0]}
-            val_metrics, _ = self._evaluate("val")
-            record.update(val_metrics)
+                      "lr": self.scheduler.get_last_lr()[0],
+                      "train_minutes": self.state["train_seconds"] / 60}
+            last_epoch = self.state["global_step"] >= self.total_steps or epoch + 1 == t.epochs
+            stop_early = False
+            if last_epoch or (epoch + 1) % max(1, t.eval_every_epochs) == 0:
+                val_metrics, _ = self._evaluate("val")
+                record.update(val_metrics)
+                value = val_metrics.get(self.monitor)
+                if value is None:
+                    raise TrainingError(f"monitor '{self.monitor}' not among the metrics {sorted(val_metrics)}")
+                if self._improved(value):
+                    self.state.update(best_metric=value, best_epoch=epoch + 1, epochs_without_improvement=0)
+                    self._save("best", weights_only=True)
+                else:
+                    self.state["epochs_without_improvement"] += 1
+                stop_early = bool(t.early_stopping_patience
+                                  and self.state["epochs_without_improvement"] >= t.early_stopping_patience)
             self.state["history"].append(record)
-            value = val_metrics.get(self.monitor)
-            if value is None:
-                raise TrainingError(f"monitor '{self.monitor}' not among the metrics {sorted(val_metrics)}")
-            if self._improved(value):
-                self.state.update(best_metric=value, best_epoch=epoch + 1, epochs_without_improvement=0)
-                self._save("best", weights_only=True)
-            else:
-                self.state["epochs_without_improvement"] += 1
             self.state["epoch"], self.state["batch_in_epoch"] = epoch + 1, 0
             if self.main:
                 self._log_epoch(record, tb)
-            stop_early = t.early_stopping_patience and self.state["epochs_without_improvement"] >= t.early_stopping_patience
-            done = stop_early or self.state["global_step"] >= self.total_steps or epoch + 1 == t.epochs
+            done = stop_early or last_epoch
             self.state["finished"] = bool(done)
             self._save("last")
             if self._stop_signal:
@@ -712,17 +755,19 @@ class Trainer:
         if self.main:
             write_json(self.run_dir / "final_digest.json", {"parameters_sha256": digest})
             plot_history(self.state["history"], self.run_dir / "curves.png", self.monitor)
-            if t.evaluate_test and "test" in self.data.datasets and (self.ckpt_dir / "best").exists():
+            if t.evaluate_test and t.evaluate_split in self.data.datasets and (self.ckpt_dir / "best").exists():
                 from pipelines.evaluate import evaluate_run
 
-                self.test_report = evaluate_run(self.run_dir, split="test", n_boot=t.n_boot, task=self.task,
-                                                data=self.data, model=self.ema.module if self.ema else model)
+                self.test_report = evaluate_run(self.run_dir, split=t.evaluate_split, n_boot=t.n_boot, task=self.task,
+                                                data=self.data, model=self.ema.module if self.ema else model,
+                                                batch_size=self.cfg.data.eval_batch_size or self.cfg.data.batch_size)
         self.accelerator.wait_for_everyone()
 
     def _result(self) -> RunResult:
         report = getattr(self, "test_report", None)
-        if report is None and (self.run_dir / "eval_test.json").is_file():
-            report = json.loads((self.run_dir / "eval_test.json").read_text())
+        saved = self.run_dir / f"eval_{self.cfg.trainer.evaluate_split}.json"
+        if report is None and saved.is_file():
+            report = json.loads(saved.read_text())
         return RunResult(self.run_dir, self.state["best_metric"], self.state["best_epoch"], report,
                          self.state["history"])
 

@@ -137,9 +137,14 @@ class SegmentationTask(Task):
         logits = sliding_window_logits(model, batch["image"], self.options.roi_size, self.options.overlap)
         prediction = logits.argmax(1)
         labels = labels_of(self.options)
-        # Volumes were resampled to options.spacing_mm, so that is the voxel size HD95 uses.
-        rows = [label_metrics(prediction[i].cpu(), batch["label"][i, 0].cpu(), list(self.options.spacing_mm), labels)
-                for i in range(prediction.shape[0])]
+        rows = []
+        for i in range(prediction.shape[0]):
+            # Score each volume in its own extent: the zero padding that batched it with larger
+            # volumes is not part of the scan, and a label predicted there would count against it.
+            x, y, z = (int(v) for v in batch["shape"][i])
+            # Volumes were resampled to options.spacing_mm, so that is the voxel size HD95 uses.
+            rows.append(label_metrics(prediction[i, :x, :y, :z].cpu(), batch["label"][i, 0, :x, :y, :z].cpu(),
+                                      list(self.options.spacing_mm), labels))
         out = {key: np.array([row[key] for row in rows], dtype=np.float64) for key in rows[0]}
         out["index"] = batch["index"].cpu().numpy()
         return out
@@ -164,10 +169,11 @@ def labels_of(options: SegmentationOptions) -> dict[int, str]:
 
 
 def _collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack crops; whole volumes of different sizes are zero-padded to the largest (eval batch 1 avoids it)."""
+    """Stack crops; whole volumes of different sizes are zero-padded to the largest, their own shapes kept."""
     shapes = np.array([item["image"].shape[1:] for item in items])
     target = shapes.max(0)
-    batch: dict[str, list[torch.Tensor]] = {"image": [], "label": [], "index": []}
+    batch: dict[str, list[torch.Tensor]] = {"image": [], "label": [], "index": [],
+                                            "shape": [torch.as_tensor(s) for s in shapes]}
     for item in items:
         pad = [(0, int(t - s)) for s, t in zip(item["image"].shape[1:], target)]
         flat = [p for pair in reversed(pad) for p in pair]

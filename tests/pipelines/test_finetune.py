@@ -213,3 +213,28 @@ def test_seeds_report_mean_and_sd(tmp_path, breastmnist_path):
     assert len(auroc["per_seed"]) == 2 and auroc["sd"] >= 0
     assert auroc["mean"] == pytest.approx(np.mean(auroc["per_seed"]))
     assert (tmp_path / "runs" / "classification-resnet10t" / "seeds_summary.json").is_file()
+
+
+def test_time_budget_fixes_the_step_count_and_validation_cadence(tmp_path, breastmnist_path):
+    # A budget of ~1 s against 50 epochs: after 3 calibration steps (+2 left out) the run is cut to
+    # the steps that fit, the LR schedule ends there, and validation runs only after the last step.
+    cfg = load_train_config(write_config(tmp_path, breastmnist_path, epochs=50, limit_train_batches=None,
+                                         time_budget_minutes=0.02, budget_calibration_steps=3,
+                                         eval_every_epochs=10, evaluate_split="val"),
+                            ["schedule.name=linear"])
+    result = finetune(cfg)
+    state = json.loads((result.run_dir / "checkpoints" / "last" / "trainer_state.json").read_text())
+    steps = state["budget_steps"]
+    assert 5 <= steps < 50 * 18  # 18 batches per BreastMNIST epoch at batch 32: the budget ended the run
+    assert state["global_step"] == steps
+    assert ["val_auroc" in h for h in result.history] == [False] * (len(result.history) - 1) + [True]
+    assert result.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # linear decay reached its end at the cut
+    assert result.history[-1]["train_minutes"] > 0
+    assert result.test_report["split"] == "val" and (result.run_dir / "eval_val.json").is_file()
+
+
+def test_validation_every_n_epochs_and_after_the_last(tmp_path, breastmnist_path):
+    cfg = load_train_config(write_config(tmp_path, breastmnist_path, epochs=3, limit_train_batches=1,
+                                         eval_every_epochs=2, evaluate_test=False))
+    history = finetune(cfg).history
+    assert ["val_auroc" in h for h in history] == [False, True, True]

@@ -12,7 +12,6 @@ import torch
 
 from models import create_model
 from pipelines.segmentation import (
-    SegTrainConfig,
     case_records,
     evaluate_segmentation,
     label_metrics,
@@ -21,7 +20,6 @@ from pipelines.segmentation import (
     read_split,
     sliding_window_logits,
     summarize_cases,
-    train_segmentation,
 )
 
 SPLIT_FILE = Path("configs/splits/msd_task04_hippocampus.json")
@@ -89,40 +87,58 @@ def test_evaluate_and_predict_on_real_volumes(msd_hippocampus_path, tmp_path):
     assert (tmp_path / "m.png").stat().st_size > 1000
 
 
-def test_training_runs_resumes_and_skips_non_finite_losses(msd_hippocampus_path, tmp_path, monkeypatch):
-    split = tmp_path / "split.json"
-    split.write_text(json.dumps({"train": ["hippocampus_001", "hippocampus_004"], "val": ["hippocampus_007"]}))
-    cfg = SegTrainConfig(
-        model="dynunet_3d", model_options={"features": [4, 8, 8]}, dataset_dir=msd_hippocampus_path,
-        split_file=split, out_dir=tmp_path / "run", roi_size=(16, 16, 16), max_steps=2, budget_minutes=5,
-    )
-    first = train_segmentation(cfg)
-    assert first["steps"] == 2 and first["n_cases"] == 1
-    cfg.max_steps = 3
-    assert train_segmentation(cfg)["steps"] == 3  # resumed from step 2, not restarted
+def _tiny_engine_config(msd_hippocampus_path, tmp_path, model="umamba_bot_3d", *extra):
+    from pipelines.finetune import load_train_config
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["hippocampus_001", "hippocampus_004", "hippocampus_008", "hippocampus_011"],
+                                 "val": ["hippocampus_007"]}))
+    return load_train_config(
+        f"configs/hippocampus_{model}.yaml",
+        [f"data.path={msd_hippocampus_path}", f"data.options.split_file={split}", f"output_dir={tmp_path}",
+         "model.kwargs.features=[4, 8, 8]", "data.options.roi_size=[16, 16, 16]", "trainer.epochs=1",
+         "trainer.time_budget_minutes=null", "trainer.n_boot=20", *extra],
+    )
+
+
+def test_engine_skips_non_finite_losses_and_stops_past_the_limit(msd_hippocampus_path, tmp_path, monkeypatch):
+    """U-Mamba users report NaN losses: the engine skips such a step, counts it, and stops past a limit."""
     from monai.losses import DiceCELoss
+    from pipelines.finetune import TrainingError, finetune
+
+    real_forward, training_calls = DiceCELoss.forward, []
+
+    def every_other_nan(self, x, y):
+        loss = real_forward(self, x, y)
+        if not x.requires_grad:  # validation: leave it finite
+            return loss
+        training_calls.append(1)
+        return loss * float("nan") if len(training_calls) % 2 else loss
+
+    monkeypatch.setattr(DiceCELoss, "forward", every_other_nan)
+    cfg = _tiny_engine_config(msd_hippocampus_path, tmp_path / "some", "dynunet_3d", "trainer.epochs=2")
+    result = finetune(cfg)
+    state = json.loads((result.run_dir / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert len(training_calls) == 4 and state["nonfinite_steps"] == 2  # 4 batches: 2 skipped, 2 trained
+    assert np.isfinite(result.history[-1]["train_loss"])
 
     monkeypatch.setattr(DiceCELoss, "forward", lambda self, x, y: (x * float("nan")).sum())
-    cfg.out_dir, cfg.max_bad_steps = tmp_path / "nan_run", 2
-    with pytest.raises(FloatingPointError, match="2 non-finite losses"):
-        train_segmentation(cfg)
+    cfg = _tiny_engine_config(msd_hippocampus_path, tmp_path / "all", "dynunet_3d", "trainer.max_nonfinite_steps=1")
+    with pytest.raises(TrainingError, match="more than 1 non-finite steps"):
+        finetune(cfg)
 
 
 def test_engine_trains_the_segmentation_task(msd_hippocampus_path, tmp_path):
-    from pipelines.finetune import finetune, load_train_config
+    from pipelines.finetune import finetune
 
-    split = tmp_path / "split.json"
-    split.write_text(json.dumps({"train": ["hippocampus_001", "hippocampus_004"], "val": ["hippocampus_007"]}))
-    cfg = load_train_config(
-        "configs/hippocampus_umamba_bot_3d.yaml",
-        [f"data.path={msd_hippocampus_path}", f"data.options.split_file={split}", f"output_dir={tmp_path}",
-         "model.kwargs.features=[4, 8, 8]", "data.options.roi_size=[16, 16, 16]", "trainer.epochs=1"],
-    )
-    result = finetune(cfg)
+    result = finetune(_tiny_engine_config(msd_hippocampus_path, tmp_path))
     record = result.history[-1]
     assert 0.0 <= record["val_dice_anterior"] <= 1.0 and "val_hd95_posterior" in record
     assert (result.run_dir / "checkpoints" / "best" / "model.safetensors").is_file()
+    report = result.test_report  # the Task04 configs score the validation cases with CIs at the end
+    assert report["split"] == "val" and report["n_items"] == 1
+    assert (result.run_dir / "predictions_val.npz").is_file()
 
 
 def test_nifti_folder_trains_by_file_without_split_or_label_config(msd_hippocampus_path, tmp_path):
@@ -172,3 +188,36 @@ def test_dicom_series_prediction_is_written_as_dicom_seg(dicom_dcmqi_path, tmp_p
     seg = read_segmentation(path)
     assert [s.label for s in seg.segments] == ["anterior hippocampus", "posterior hippocampus"]
     assert seg.referenced_series_uid == load_series(series).metadata["SeriesInstanceUID"]
+
+
+class _MidGreyIsAnterior(torch.nn.Module):
+    """A fixed 'model': label 1 wherever the z-scored intensity is near 0 (as in zero padding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, x):
+        near_zero = 1.0 - self.scale * x.abs()
+        return torch.cat([torch.zeros_like(x), near_zero, torch.full_like(x, -1e4)], 1)
+
+
+def test_batched_validation_scores_each_volume_in_its_own_extent(msd_hippocampus_path, tmp_path):
+    """Volumes of different sizes batched together are padded; the padding must not be scored."""
+    from pipelines.evaluate import predict_split
+    from pipelines.tasks import get_task
+    from pipelines.tasks.segmentation import SegmentationOptions
+
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["hippocampus_001"], "val": ["hippocampus_007", "hippocampus_008"]}))
+    task = get_task("segmentation")
+    task.options = SegmentationOptions(split_file=split, labels={1: "anterior", 2: "posterior"}, roi_size=(16, 16, 16))
+    data = task.setup(type("Data", (), {"path": msd_hippocampus_path})(), seed=0)
+    shapes = [tuple(item["image"].shape) for item in data.datasets["val"].items]
+    assert shapes[0] != shapes[1]  # otherwise nothing is padded
+    model = _MidGreyIsAnterior()
+    one_by_one = predict_split(task, model, data, "val", batch_size=1)
+    together = predict_split(task, model, data, "val", batch_size=2)
+    assert one_by_one["dice_anterior"].min() > 0  # the fixed model does predict label 1 somewhere
+    for key in ("dice_anterior", "hd95_anterior", "dice_posterior"):
+        np.testing.assert_allclose(together[key], one_by_one[key], err_msg=key)
