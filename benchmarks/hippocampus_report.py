@@ -1,10 +1,12 @@
-"""Table of validation Dice/HD95 (95% bootstrap CIs) for the Task04 runs, for the model card.
+"""Table of validation Dice/HD95 (95% bootstrap CIs) for the Task04 engine runs, for the model card.
 
-Reads runs/seg/hippocampus_<model>/eval.json (written by `medai seg train`), recomputes every
-summary with the engine's bootstrap on (a) each model's own validation cases and (b) the cases
-all models were scored on, and pairs each U-Mamba with the DynUNet baseline on shared cases.
+Reads each run folder written by `medai finetune configs/hippocampus_<model>.yaml` (its
+`predictions_val.npz`, `checkpoints/last/trainer_state.json` and `run.json`), summarises Dice and
+HD95 per label over the validation volumes, and pairs each U-Mamba with the DynUNet baseline on the
+same volumes (paired bootstrap of the per-volume mean Dice over labels).
 
-    python benchmarks/hippocampus_report.py [--runs runs/seg]
+    python benchmarks/hippocampus_report.py [--runs runs/seg_engine] [--out benchmarks/results/hippocampus.md]
+                                            [--plot benchmarks/results/hippocampus_loss.png]
 """
 
 from __future__ import annotations
@@ -21,56 +23,110 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # before benchm
 from pipelines.metrics import paired_bootstrap
 from pipelines.segmentation import HIPPOCAMPUS_LABELS, NNUNET_TASK04_DICE, summarize_cases
 
-MODELS = ("dynunet_3d", "umamba_bot_3d", "umamba_enc_3d")
+MODELS = {"dynunet_3d": "DynUNet (baseline)", "umamba_bot_3d": "U-Mamba-Bot", "umamba_enc_3d": "U-Mamba-Enc"}
 KEYS = [f"{m}_{n}" for n in HIPPOCAMPUS_LABELS.values() for m in ("dice", "hd95")]
+N_BOOT = 2000
 
 
-def _row(name: str, result: dict, per_case: list[dict]) -> str:
-    s = summarize_cases(per_case, KEYS)
+def load_engine_run(run_dir: Path) -> dict:
+    """Per-volume metrics, steps, training minutes and parameter count of one finished engine run."""
+    from safetensors import safe_open
+
+    with np.load(run_dir / "predictions_val.npz") as f:
+        preds = {k: f[k] for k in f.files}
+    state = json.loads((run_dir / "checkpoints" / "last" / "trainer_state.json").read_text())
+    with safe_open(str(run_dir / "checkpoints" / "last" / "model.safetensors"), "pt") as f:
+        params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+    run = json.loads((run_dir / "run.json").read_text())
+    return {"preds": preds, "steps": state["global_step"], "budget_steps": state.get("budget_steps"),
+            "train_minutes": state.get("train_seconds", float("nan")) / 60, "params": params,
+            "commit": run.get("git_commit", "?")}
+
+
+def _row(name: str, run: dict) -> str:
+    p = run["preds"]
+    per_case = [{k: float(p[k][i]) for k in KEYS} for i in range(len(p["index"]))]
+    s = summarize_cases(per_case, KEYS, n_boot=N_BOOT)
     cells = []
     for label in HIPPOCAMPUS_LABELS.values():
         d, h = s[f"dice_{label}"], s[f"hd95_{label}"]
         cells.append(f"{d['value']:.3f} [{d['low']:.3f}, {d['high']:.3f}]")
-        cells.append(f"{h['value']:.2f} [{h['low']:.2f}, {h['high']:.2f}]" + (f" ({h['n_undefined']} undef.)"
-                                                                              if h["n_undefined"] else ""))
-    return (f"| {name} | {len(per_case)} | {result['steps']} | {result['train_minutes']:.1f} | "
-            f"{result['parameters'] / 1e6:.2f}M | " + " | ".join(cells) + " |")
+        cells.append(f"{h['value']:.2f} [{h['low']:.2f}, {h['high']:.2f}]"
+                     + (f" ({h['n_undefined']} undef.)" if h["n_undefined"] else ""))
+    return (f"| {name} | {len(per_case)} | {run['steps']} | {run['train_minutes']:.1f} | "
+            f"{run['params'] / 1e6:.2f}M | " + " | ".join(cells) + " |")
+
+
+def _mean_dice(preds: dict) -> dict[str, np.ndarray]:
+    return {"dice_mean": np.mean([preds[f"dice_{n}"] for n in HIPPOCAMPUS_LABELS.values()], axis=0)}
+
+
+def report(runs: dict[str, dict]) -> str:
+    """Markdown: the per-model table, the paired differences against DynUNet and the published reference."""
+    lines = ["| model | val volumes | steps | train min | params | Dice anterior [95% CI] | HD95 anterior mm | "
+             "Dice posterior [95% CI] | HD95 posterior mm |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [_row(MODELS.get(m, m), r) for m, r in runs.items()]
+    if "dynunet_3d" in runs:
+        base = runs["dynunet_3d"]["preds"]
+        lines += ["", "Paired bootstrap, model minus DynUNet, per-volume mean Dice over both labels:", ""]
+        for m, r in runs.items():
+            if m == "dynunet_3d":
+                continue
+            if not np.array_equal(r["preds"]["index"], base["index"]):
+                lines.append(f"- {MODELS.get(m, m)}: not scored on the same volumes as DynUNet; no pairing")
+                continue
+            d = paired_bootstrap(lambda p: {"dice_mean": float(p["dice_mean"].mean())}, _mean_dice(r["preds"]),
+                                 _mean_dice(base), n_boot=N_BOOT)["dice_mean"]
+            lines.append(f"- {MODELS.get(m, m)}: {d['difference']:+.3f} (95% CI {d['low']:+.3f} to {d['high']:+.3f}, "
+                         f"p = {d['p_value']:.3f}, n = {len(base['index'])})")
+    lines += ["", f"Published nnU-Net (MSD Task04, 5-fold CV on the 260 training cases): Dice anterior "
+              f"{NNUNET_TASK04_DICE['anterior']:.2f}, posterior {NNUNET_TASK04_DICE['posterior']:.2f}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_loss(run_dirs: dict[str, Path], path: Path) -> Path:
+    """Training loss per epoch against training minutes and against steps, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+    for model, run_dir in run_dirs.items():
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        loss = [r["train_loss"] for r in rows]
+        axes[0].plot([r["train_minutes"] for r in rows], loss, label=MODELS.get(model, model))
+        axes[1].plot([r["step"] for r in rows], loss, label=MODELS.get(model, model))
+    axes[0].set(xlabel="training minutes", ylabel="train loss (Dice + CE, epoch mean)", title="same time budget")
+    axes[1].set(xlabel="optimizer steps", title="per step", xscale="log")
+    axes[0].legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, default=Path("runs/seg"))
+    parser.add_argument("--runs", type=Path, default=Path("runs/seg_engine"))
+    parser.add_argument("--out", type=Path, default=None, help="Also write the Markdown here.")
+    parser.add_argument("--plot", type=Path, default=None, help="Also draw the training-loss curves here (PNG).")
     args = parser.parse_args()
-    results = {m: json.loads((args.runs / f"hippocampus_{m}" / "eval.json").read_text())
-               for m in MODELS if (args.runs / f"hippocampus_{m}" / "eval.json").is_file()}
-    if not results:
-        print(f"no runs under {args.runs}: train them first (medai seg train configs/seg/hippocampus_<model>.yaml)")
+    runs = {m: load_engine_run(args.runs / f"hippocampus_{m}") for m in MODELS
+            if (args.runs / f"hippocampus_{m}" / "predictions_val.npz").is_file()}
+    if not runs:
+        print(f"no finished runs under {args.runs}: train them first "
+              "(medai finetune configs/hippocampus_<model>.yaml -o run_name=hippocampus_<model> "
+              f"-o output_dir={args.runs})")
         return
-    header = ("| model | val cases | steps | train min | params | Dice anterior [95% CI] | HD95 anterior mm | "
-              "Dice posterior [95% CI] | HD95 posterior mm |\n|---|---|---|---|---|---|---|---|---|")
-    print("All validation cases each model was scored on:\n" + header)
-    for m, r in results.items():
-        print(_row(m, r, r["per_case"]))
-    shared = set.intersection(*(set(row["case"] for row in r["per_case"]) for r in results.values()))
-    print(f"\nThe {len(shared)} validation cases every model was scored on:\n" + header)
-    for m, r in results.items():
-        print(_row(m, r, [row for row in r["per_case"] if row["case"] in shared]))
-    if "dynunet_3d" in results:
-        base = {row["case"]: row for row in results["dynunet_3d"]["per_case"]}
-        print("\nPaired bootstrap, model - DynUNet, mean Dice over labels, on cases both were scored on:")
-        for m, r in results.items():
-            if m == "dynunet_3d":
-                continue
-            rows = [row for row in r["per_case"] if row["case"] in base]
-            a = {"dice_mean": np.array([(row["dice_anterior"] + row["dice_posterior"]) / 2 for row in rows])}
-            b = {"dice_mean": np.array([(base[row["case"]]["dice_anterior"] + base[row["case"]]["dice_posterior"]) / 2
-                                        for row in rows])}
-            diff = paired_bootstrap(lambda p: {"dice_mean": float(p["dice_mean"].mean())}, a, b, n_boot=2000)
-            d = diff["dice_mean"]
-            print(f"- {m}: {d['difference']:+.3f} (95% CI {d['low']:+.3f} to {d['high']:+.3f}, p={d['p_value']:.3f}, "
-                  f"n={len(rows)})")
-    print(f"\nPublished nnU-Net (MSD Task04, 5-fold CV on the 260 training cases): Dice anterior "
-          f"{NNUNET_TASK04_DICE['anterior']:.2f}, posterior {NNUNET_TASK04_DICE['posterior']:.2f}")
+    text = report(runs)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    if args.plot:
+        print(f"wrote {plot_loss({m: args.runs / f'hippocampus_{m}' for m in runs}, args.plot)}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Runs on real MSD Task04 validation volumes (the committed split), Gaussian blending, ROI
 32x48x32, overlap 0.5, the training widths. Weights do not change speed, so untrained models
-are used unless --weights-dir holds <dir>/hippocampus_<model>/model.safetensors. Prints each
+are used unless --weights-dir holds <dir>/hippocampus_<model>/checkpoints/best/model.safetensors
+(the engine runs of configs/hippocampus_<model>.yaml). Prints each
 model's volumes/s and its ratio to DynUNet measured in this same run.
 
     OMP_NUM_THREADS=1 python benchmarks/umamba.py [--volumes 4]
@@ -32,7 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--volumes", type=int, default=4)
     parser.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128])
-    parser.add_argument("--weights-dir", type=Path, default=Path("runs/seg"))
+    parser.add_argument("--weights-dir", type=Path, default=Path("runs/seg_engine"))
     args = parser.parse_args()
     split = read_split("configs/splits/msd_task04_hippocampus.json")
     records = case_records(dataset_path("msd_hippocampus"), split["val"][: args.volumes])
@@ -42,7 +43,7 @@ def main() -> None:
           f"{torch.get_num_threads()} thread(s)")
     rates = {}
     for name in MODELS:
-        weights = args.weights_dir / f"hippocampus_{name}" / "model.safetensors"
+        weights = args.weights_dir / f"hippocampus_{name}" / "checkpoints" / "best" / "model.safetensors"
         model = create_model(name, pretrained=weights if weights.is_file() else None, features=tuple(args.features))
         model.eval()
         sliding_window_logits(model, images[0], ROI)  # warm-up

@@ -1,4 +1,4 @@
-"""`medai seg ...`: 3D segmentation commands (split, budgeted training, prediction). Thin wrappers."""
+"""`medai seg ...`: 3D segmentation commands (split, prediction; training goes through `medai finetune`). Thin wrappers."""
 
 from __future__ import annotations
 
@@ -25,20 +25,6 @@ def split(
     data = make_split(dataset_dir, val_fraction, seed)
     write_split(data, out)
     console.print(f"{out}: {len(data['train'])} train, {len(data['val'])} validation cases")
-
-
-@seg_app.command("train")
-def train(
-    config: Path = typer.Argument(..., help="YAML SegTrainConfig (configs/seg/)."),
-    override: list[str] = typer.Option([], "--override", "-o", help="key=value, repeatable."),
-) -> None:
-    """Train for a wall-clock budget (same recipe across models), then score validation (resumable)."""
-    from medai.config import load_config
-    from pipelines.segmentation import SegTrainConfig, format_summary, train_segmentation
-
-    result = train_segmentation(load_config(SegTrainConfig, config, override))
-    console.print(f"{result['model']}: {result['steps']} steps in {result['train_minutes']:.1f} min; "
-                  f"{result['n_cases']} validation volumes: {format_summary(result)}")
 
 
 @seg_app.command("predict")

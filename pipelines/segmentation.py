@@ -2,8 +2,8 @@
 
 Stages, each with an on-disk artifact:
 1. `write_split` -> a JSON split file (case ids for train / validation), fixed and committed.
-2. training (the shared fine-tuning engine, or `train_segmentation` until it lands) ->
-   `<out>/model.safetensors` + `<out>/train_log.json`.
+2. training through the shared fine-tuning engine (`medai finetune configs/hippocampus_<model>.yaml`,
+   task `pipelines.tasks.segmentation`) -> a run folder with checkpoints and `eval_val.json`.
 3. `evaluate_segmentation` -> per-case Dice and HD95 per label + bootstrap 95% CIs (JSON).
 4. `predict_volume` -> a label volume as NIfTI in the input's own grid, and a PNG montage.
 """
@@ -14,7 +14,6 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -317,133 +316,9 @@ def save_overlay_montage(
     return path
 
 
-# ---------------------------------------------------------------- training (interim driver)
-@dataclass
-class SegTrainConfig:
-    """Recipe for budgeted segmentation training; identical across compared models except `model`."""
-
-    model: str = "umamba_bot_3d"
-    model_options: dict[str, Any] = field(default_factory=lambda: {"features": [16, 32, 64, 128]})
-    dataset_dir: Path = Path("../shared/data/seg3d/msd_task04_hippocampus")
-    split_file: Path = Path("configs/splits/msd_task04_hippocampus.json")
-    out_dir: Path = Path("runs/seg")
-    roi_size: tuple[int, int, int] = (32, 48, 32)
-    batch_size: int = 2
-    lr: float = 2e-3
-    weight_decay: float = 1e-5
-    budget_minutes: float = 10.0
-    max_steps: int = 100000
-    max_bad_steps: int = 20  # non-finite losses tolerated (skipped) before the run stops
-    val_cases: int = 0  # 0: all validation cases
-    seed: int = 0
-    checkpoint_minutes: float = 2.0
-
-
-def train_segmentation(cfg: SegTrainConfig) -> dict[str, Any]:
-    """Train cfg.model for cfg.budget_minutes (poly LR over the time budget), then evaluate on validation.
-
-    Interim driver until the shared fine-tuning engine lands. Resumable: a run restarted with the
-    same out_dir continues from its last checkpoint. Non-finite losses skip the step, are logged,
-    and stop the run after cfg.max_bad_steps.
-    """
-    from monai.data import CacheDataset, DataLoader
-    from monai.losses import DiceCELoss
-    from medai.utils import seed_everything
-    from models import create_model, save_weights
-    from models.registry import load_weights
-
-    seed_everything(cfg.seed)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    split = read_split(cfg.split_file)
-    train_records = case_records(cfg.dataset_dir, split["train"])
-    val_records = case_records(cfg.dataset_dir, split["val"])
-    if cfg.val_cases:
-        val_records = val_records[: cfg.val_cases]
-    model = create_model(cfg.model, **cfg.model_options)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    state_path, weights_path = out / "train_state.pt", out / "last.safetensors"
-    step, elapsed, bad_steps, history = 0, 0.0, 0, []
-    if state_path.is_file() and weights_path.is_file():
-        state = torch.load(state_path, weights_only=True)
-        load_weights(model, weights_path)  # strict, and aware of DynUNet's aliased modules
-        optimizer.load_state_dict(state["optimizer"])
-        step, elapsed, bad_steps = int(state["step"]), float(state["elapsed"]), int(state["bad_steps"])
-        history = json.loads((out / "train_log.json").read_text())["history"] if (out / "train_log.json").is_file() else []
-        log.info("resuming %s at step %d (%.1f min used)", cfg.model, step, elapsed / 60)
-    dataset = CacheDataset(train_records, segmentation_transforms("train", cfg.roi_size), progress=False)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=0, drop_last=True)
-    budget = cfg.budget_minutes * 60
-    last_checkpoint = time.perf_counter()
-    model.train()
-
-    def checkpoint() -> None:
-        save_weights(model, weights_path)
-        torch.save({"optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed, "bad_steps": bad_steps},
-                   state_path)
-        (out / "train_log.json").write_text(json.dumps({"config": _jsonable(cfg), "history": history}, indent=1))
-
-    done = False
-    while not done:
-        for batch in loader:
-            if elapsed >= budget or step >= cfg.max_steps:
-                done = True
-                break
-            tick = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * (1 - min(elapsed / budget, 0.999)) ** 0.9
-            logits = model(batch["image"])
-            loss = loss_fn(logits, batch["label"])
-            if not torch.isfinite(loss):
-                bad_steps += 1
-                log.warning("step %d: non-finite loss (%s); step skipped (%d/%d)", step, loss.item(), bad_steps,
-                            cfg.max_bad_steps)
-                optimizer.zero_grad(set_to_none=True)
-                if bad_steps >= cfg.max_bad_steps:
-                    raise FloatingPointError(f"{cfg.model}: {bad_steps} non-finite losses; stopping (lower lr?)")
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
-            optimizer.step()
-            step += 1
-            elapsed += time.perf_counter() - tick
-            history.append({"step": step, "loss": round(loss.item(), 5), "minutes": round(elapsed / 60, 3)})
-            if step % 20 == 0:
-                log.info("%s step %d loss %.4f (%.1f/%.1f min)", cfg.model, step, loss.item(), elapsed / 60,
-                         cfg.budget_minutes)
-            if time.perf_counter() - last_checkpoint > cfg.checkpoint_minutes * 60:
-                checkpoint()
-                last_checkpoint = time.perf_counter()
-    checkpoint()
-    save_weights(model, out / "model.safetensors", {"model": cfg.model, "options": cfg.model_options,
-                                                     "steps": step, "train_minutes": elapsed / 60})
-    result = evaluate_segmentation(model, val_records, cfg.roi_size)
-    result.update({"model": cfg.model, "model_options": cfg.model_options, "steps": step,
-                   "train_minutes": elapsed / 60, "non_finite_steps": bad_steps,
-                   "parameters": sum(p.numel() for p in model.parameters())})
-    (out / "eval.json").write_text(json.dumps(result, indent=1))
-    return result
-
-
-def _jsonable(cfg: SegTrainConfig) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-
-
-def format_summary(result: dict[str, Any]) -> str:
-    """One line per label: Dice mean [95% CI] and HD95 (mm) for a result of evaluate_segmentation."""
-    parts = []
-    for name in HIPPOCAMPUS_LABELS.values():
-        d, h = result["summary"][f"dice_{name}"], result["summary"][f"hd95_{name}"]
-        parts.append(f"{name}: Dice {d['value']:.3f} [{d['low']:.3f}, {d['high']:.3f}], HD95 {h['value']:.2f} mm"
-                     + (f" ({h['n_undefined']} undefined)" if h["n_undefined"] else ""))
-    return "; ".join(parts)
-
-
 __all__ = [
-    "HIPPOCAMPUS_LABELS", "NNUNET_TASK04_DICE", "SegTrainConfig", "case_records",
-    "discover_labels", "evaluate_segmentation", "format_summary", "label_metrics", "list_cases", "make_split", "predict_dicom_series", "predict_volume",
-    "read_split", "save_overlay_montage", "sliding_window_logits", "summarize_cases", "train_segmentation",
+    "HIPPOCAMPUS_LABELS", "NNUNET_TASK04_DICE", "case_records",
+    "discover_labels", "evaluate_segmentation", "label_metrics", "list_cases", "make_split", "predict_dicom_series", "predict_volume",
+    "read_split", "save_overlay_montage", "sliding_window_logits", "summarize_cases",
     "write_split",
 ]

@@ -50,3 +50,27 @@ def test_mil_results_writes_a_section_per_set_and_keeps_the_others(mil_classic_p
     assert "| abmil | 0 |" in section and "gated attention 0.900" in section and "--sets musk1" in section
     table = (tmp_path / "table.md").read_text()
     assert table.index("### musk1.mat") < table.index("Notes (Musk1): kept.") < table.index("### fox.mat (an earlier run)")
+
+
+def test_hippocampus_report_reads_engine_runs_and_pairs_them(msd_hippocampus_path, tmp_path):
+    """Two tiny Task04 engine runs -> the card's table: a row per model and the paired difference."""
+    import json
+
+    from pipelines.finetune import finetune, load_train_config
+
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["hippocampus_001", "hippocampus_004"],
+                                 "val": ["hippocampus_007", "hippocampus_008"]}))
+    for model in ("dynunet_3d", "umamba_bot_3d"):
+        finetune(load_train_config(f"{ROOT}/configs/hippocampus_{model}.yaml", [
+            f"data.path={msd_hippocampus_path}", f"data.options.split_file={split}", f"output_dir={tmp_path}",
+            f"run_name=hippocampus_{model}", "model.kwargs.features=[4, 8, 8]", "data.options.roi_size=[16, 16, 16]",
+            "trainer.epochs=1", "trainer.time_budget_minutes=null", "trainer.n_boot=20"]))
+    out = tmp_path / "table.md"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hippocampus_report.py"), "--runs", str(tmp_path),
+                           "--out", str(out), "--plot", str(tmp_path / "loss.png")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = out.read_text()
+    assert "| DynUNet (baseline) | 2 | 1 |" in text and "| U-Mamba-Bot | 2 | 1 |" in text
+    assert "- U-Mamba-Bot: " in text and "n = 2)" in text and "U-Mamba-Enc" not in text
+    assert (tmp_path / "loss.png").stat().st_size > 5000
