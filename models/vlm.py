@@ -644,9 +644,23 @@ class VisionLanguageModel(nn.Module):
         return out
 
     def forward(self, pixel_values: torch.Tensor | None, questions: Sequence[str], answers: Sequence[str]) -> Any:
-        """Return the LM output with `.loss` = mean token cross-entropy over answer tokens only."""
-        inputs = self.build_inputs(pixel_values, questions, answers, padding_side="right")
-        return self.language_model(**inputs)
+        """Return the LM output with `.loss` = mean token cross-entropy over answer tokens only.
+
+        `.logits` covers only the answer span (the positions the loss reads), not the whole prompt.
+        """
+        inputs = self.build_inputs(pixel_values, questions, answers, padding_side="left")
+        labels = inputs.pop("labels")
+        mask = inputs["attention_mask"]
+        # Left padding puts every answer at the end of its row, so the last `span + 1` positions
+        # hold every logit the loss reads: the vocabulary projection (a fifth of SmolLM2's
+        # weights) then runs on a few positions per row instead of on the whole prompt.
+        span = int((labels != -100).sum(-1).max())
+        out = self.language_model(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                                  logits_to_keep=span + 1, use_cache=False)
+        logits = out.logits[:, :-1]  # position t predicts token t + 1
+        out.loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels[:, -span:].flatten(),
+                                               ignore_index=-100)
+        return out
 
     # -- generation ----------------------------------------------------------------------------
 

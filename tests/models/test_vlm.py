@@ -47,6 +47,29 @@ def test_image_tokens_are_spliced_and_only_answers_are_supervised(tiny_vlm, vqa_
     assert supervised.tolist() == [2, 2]  # the answer word + end-of-turn, nothing of the prompt
 
 
+def test_answer_span_loss_equals_the_full_sequence_loss(tiny_vlm, vqa_items):
+    """The training loss reads logits only on the answer span; value and gradients must not change."""
+    items, images = vqa_items
+    pixels = tiny_vlm.preprocess(images[:3])
+    questions = [it.question for it in items[:3]]
+    answers = ["yes", "left lung upper lobe", "no"]  # answers of different lengths: rows end unevenly
+    tiny_vlm.freeze_for_stage("align")
+    tiny_vlm.language_model.float()
+    reference = tiny_vlm.language_model(**tiny_vlm.build_inputs(pixels, questions, answers, padding_side="right"))
+    reference.loss.backward()
+    expected = {n: p.grad.clone() for n, p in tiny_vlm.named_parameters() if p.grad is not None}
+    tiny_vlm.zero_grad(set_to_none=True)
+    out = tiny_vlm(pixels, questions, answers)
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in tiny_vlm.named_parameters() if p.grad is not None}
+    tiny_vlm.zero_grad(set_to_none=True)
+    assert out.logits.shape[1] < reference.logits.shape[1] // 2
+    torch.testing.assert_close(out.loss, reference.loss, rtol=1e-5, atol=1e-6)
+    assert got.keys() == expected.keys() and expected
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_align_stage_trains_only_the_projector(tiny_vlm, vqa_items):
     items, images = vqa_items
     tiny_vlm.freeze_for_stage("align")
