@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medai.io.vqa_rad import VQAItem, load_vqa_rad, majority_answers
-from pipelines.text_metrics import bootstrap_ci, closed_correct, paired_bootstrap_diff, token_scores
+from pipelines.text_metrics import bootstrap_ci, closed_correct, extract_closed_answer, paired_bootstrap_diff, token_scores
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,23 @@ def score(items: Sequence[VQAItem], predictions: Sequence[str]) -> dict[str, lis
     return out
 
 
+def yes_no_profile(items: Sequence[VQAItem], predictions: Sequence[str]) -> dict[str, float]:
+    """On closed questions whose reference is yes or no: how often the reply is 'yes', and accuracy per reference.
+
+    A model that reads the image moves its yes-rate with the image; one that learnt the prior says
+    the same word whatever it is shown (accuracy high on one reference, low on the other).
+    """
+    replies = {"yes": [], "no": []}
+    for it, pred in zip(items, predictions):
+        if it.is_closed and it.answer_norm in replies:
+            replies[it.answer_norm].append(extract_closed_answer(pred, it.answer_norm))
+    n = len(replies["yes"]) + len(replies["no"])
+    said_yes = sum(r == "yes" for rs in replies.values() for r in rs)
+    acc = {ref: 100 * sum(r == ref for r in rs) / len(rs) if rs else float("nan") for ref, rs in replies.items()}
+    return {"n": n, "yes_rate": 100 * said_yes / n if n else float("nan"),
+            "acc_when_yes": acc["yes"], "acc_when_no": acc["no"]}
+
+
 def summarise(per_item: dict[str, list[float]], n_boot: int) -> dict[str, dict[str, float]]:
     """Return {metric: {value, ci_low, ci_high, n}} in percent."""
     result = {}
@@ -152,15 +169,18 @@ def evaluate_vqa_rad(model: Any, cfg: VQAEvalConfig, blind_model: Any | None = N
     check_conditions(cfg.conditions, blind_model)
     majority_preds = [majority[it.answer_type] for it in test]
     per_item = {"majority": score(test, majority_preds)}
+    profiles = {"majority": yes_no_profile(test, majority_preds)}
     for condition in cfg.conditions:
         answerer = blind_model if condition == "blind_trained" else model
         records = run_condition(answerer, test, condition, cfg.out_dir / f"predictions_{condition}.jsonl",
                                 cfg.batch_size, cfg.max_new_tokens, cfg.max_time_s)
         per_item[condition] = score(test, [r["prediction"] for r in records])
+        profiles[condition] = yes_no_profile(test, [r["prediction"] for r in records])
         results["conditions"][condition] = {"failed": sum("error" in r for r in records),
                                             "cut_by_time": sum(r.get("stopped_by") == "max_time" for r in records)}
     for name, values in per_item.items():
         results["conditions"].setdefault(name, {}).update(summarise(values, cfg.n_boot))
+        results["conditions"][name]["yes_no"] = profiles[name]
     # Paired differences on the same questions: does the image help, and does VCD change anything?
     contrasts = {"image - blind_trained": ("image", "blind_trained"), "image - blind": ("image", "blind"),
                  "image - blank": ("image", "blank"),
@@ -186,6 +206,13 @@ def format_summary(results: dict[str, Any]) -> str:
     for name, m in results["conditions"].items():
         lines.append(f"| {name} | {cell(m.get('closed_acc'))} | {cell(m.get('open_exact'))} | "
                      f"{cell(m.get('open_recall'))} | {cell(m.get('open_f1'))} |")
+    profiled = {name: m["yes_no"] for name, m in results["conditions"].items() if "yes_no" in m}
+    if profiled:
+        n = next(iter(profiled.values()))["n"]
+        lines += ["", f"Closed questions answered yes or no ({n}): share of 'yes' replies and accuracy per reference, %",
+                  "", "| condition | says yes | acc, reference yes | acc, reference no |", "|---|---|---|---|"]
+        for name, p in profiled.items():
+            lines.append(f"| {name} | {p['yes_rate']:.1f} | {p['acc_when_yes']:.1f} | {p['acc_when_no']:.1f} |")
     lines += ["", "| paired closed-acc difference | points [95% CI] |", "|---|---|"]
     for label, m in results.get("paired_closed_acc", {}).items():
         lines.append(f"| {label} | {m['value']:+.1f} [{m['ci_low']:+.1f}, {m['ci_high']:+.1f}] |")

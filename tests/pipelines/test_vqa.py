@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +11,16 @@ import pytest
 from pipelines.text_metrics import bleu, bootstrap_ci, closed_correct, paired_bootstrap_diff, rouge_l, token_scores
 from pipelines.vqa import VQAEvalConfig, evaluate_vqa_rad
 from tests.models.tiny_vlms import tiny_lm_path, tiny_vlm  # noqa: F401
+
+
+def test_yes_no_profile_separates_a_prior_from_reading():
+    from pipelines.vqa import yes_no_profile
+
+    items = [SimpleNamespace(is_closed=True, answer_norm=a) for a in ("yes", "yes", "no", "no", "left")]
+    always_no = yes_no_profile(items, ["No", "no.", "No", "no", "left"])
+    assert always_no == {"n": 4, "yes_rate": 0.0, "acc_when_yes": 0.0, "acc_when_no": 100.0}
+    reads = yes_no_profile(items, ["Yes, there is", "yes", "no", "No", "right"])
+    assert reads == {"n": 4, "yes_rate": 50.0, "acc_when_yes": 100.0, "acc_when_no": 100.0}
 
 
 def test_closed_and_open_scoring():
@@ -49,6 +60,10 @@ def test_evaluation_job_runs_all_conditions_and_resumes(tiny_vlm, vqa_rad_path, 
     lines = (tmp_path / "predictions_image.jsonl").read_text().splitlines()
     assert len(lines) == 6 and all("prediction" in json.loads(x) for x in lines)
     assert "MEVF+BAN" in (tmp_path / "summary.md").read_text()
+    assert "| image | " in (tmp_path / "summary.md").read_text().split("says yes")[1]
+    for condition in ("majority", "image", "blind_trained"):
+        profile = results["conditions"][condition]["yes_no"]
+        assert profile["n"] >= 1 and 0 <= profile["yes_rate"] <= 100
     evaluate_vqa_rad(tiny_vlm, cfg, blind_model=tiny_vlm)  # resumes: nothing is answered twice
     assert len((tmp_path / "predictions_image.jsonl").read_text().splitlines()) == 6
 
