@@ -86,7 +86,7 @@ def evaluate_run(
     run_dir = Path(run_dir)
     if task is None or data is None or model is None:
         cfg, task, data, model = load_run(run_dir, checkpoint)
-        batch_size = batch_size or cfg.data.eval_batch_size or cfg.data.batch_size
+        batch_size = batch_size or cfg.data.eval_batch
     else:
         from pipelines.checkpointing import load_model_state
 

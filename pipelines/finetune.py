@@ -81,6 +81,11 @@ class DataConfig:
     balanced_sampling: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def eval_batch(self) -> int:
+        """Batch size for validation and test (eval_batch_size, else the training batch size)."""
+        return self.eval_batch_size or self.batch_size
+
 
 @dataclass
 class OptimConfig:
@@ -109,7 +114,7 @@ class TrainerConfig:
 
     epochs: int = 10
     max_steps: int | None = None  # stop after this many optimizer steps (all epochs)
-    # Equal-time comparisons: after `budget_calibration_steps` steps the mean step time fixes the
+    # Equal-time comparisons: after `budget_calibration_steps` steps the median step time fixes the
     # run's step count to fit this budget (then the run is deterministic and resumes exactly).
     time_budget_minutes: float | None = None
     budget_calibration_steps: int = 20
@@ -533,7 +538,7 @@ class Trainer:
         eval_model = self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
         was_training = eval_model.training
         eval_model.eval()
-        bs = self.cfg.data.eval_batch_size or self.cfg.data.batch_size
+        bs = self.cfg.data.eval_batch
         sampler = EpochSampler(len(dataset), bs, 0, shuffle=False)
         loader = make_loader(dataset, sampler, self.cfg.data, self.data.collate_fn, self.cfg.seed)
         outputs: dict[str, list[np.ndarray]] = {}
@@ -760,7 +765,7 @@ class Trainer:
 
                 self.test_report = evaluate_run(self.run_dir, split=t.evaluate_split, n_boot=t.n_boot, task=self.task,
                                                 data=self.data, model=self.ema.module if self.ema else model,
-                                                batch_size=self.cfg.data.eval_batch_size or self.cfg.data.batch_size)
+                                                batch_size=self.cfg.data.eval_batch)
         self.accelerator.wait_for_everyone()
 
     def _result(self) -> RunResult:
