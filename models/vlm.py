@@ -516,10 +516,16 @@ class VisionLanguageModel(nn.Module):
             p.requires_grad_(True)
 
     def train(self, mode: bool = True) -> "VisionLanguageModel":
-        """Set training mode, keeping a frozen backbone in eval mode (its BatchNorm statistics fixed)."""
+        """Set training mode; the backbone's normalisation statistics stay fixed (eval) whenever it trains."""
         super().train(mode)
         if not any(p.requires_grad for p in self.backbone.parameters()):
             self.backbone.eval()
+        else:
+            # Batches of 8 radiographs would drag ImageNet running statistics about; fine-tune the
+            # weights and keep the statistics, as detection and segmentation fine-tuning does.
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     def apply_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> None:

@@ -56,8 +56,11 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=list)
-    # modules trained in full beside the adapters (e.g. a new classifier head)
+    # modules trained in full beside the adapters (e.g. a new classifier head), as peft copies
     modules_to_save: list[str] = field(default_factory=list)
+    # modules trained in place beside the adapters, without a peft copy: for one the model calls
+    # through methods other than forward (a VLM's vision encoder, called via forward_features)
+    unfreeze: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -96,6 +99,14 @@ class OptimConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9
+    # learning-rate multipliers by module name, e.g. {backbone: 0.25}: a parameter whose dotted name
+    # holds that module name trains at lr * scale (the first match wins)
+    lr_scale: dict[str, float] = field(default_factory=dict)
+
+
+def _in_module(param_name: str, module: str) -> bool:
+    """True if `param_name` lies in a module named `module` (a name or a dotted path at any depth)."""
+    return f".{module}." in f".{param_name}"
 
 
 @dataclass
@@ -244,14 +255,24 @@ def make_loader(dataset: Dataset, batch_sampler: Sampler, cfg: DataConfig, colla
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW/SGD with weight decay only on matrices and convolution kernels."""
-    decay, no_decay = [], []
+    """AdamW/SGD with weight decay only on matrices and convolution kernels, and per-module LR scales."""
+    buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    matched: set[str] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+        scale = 1.0
+        for module, value in cfg.lr_scale.items():
+            if _in_module(name, module):
+                scale = value
+                matched.add(module)
+                break
+        buckets.setdefault((scale, p.ndim > 1 and not name.endswith(".bias")), []).append(p)
+    unmatched = sorted(set(cfg.lr_scale) - matched)
+    if unmatched:
+        raise ConfigError(f"optim.lr_scale names no trainable module: {', '.join(unmatched)}", key="optim.lr_scale")
+    groups = [{"params": params, "lr": cfg.lr * scale, "weight_decay": cfg.weight_decay if decay else 0.0}
+              for (scale, decay), params in buckets.items()]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
@@ -282,7 +303,15 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         raise ConfigError("LoRA is enabled but model.lora.target_modules is empty", key="model.lora.target_modules")
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                               target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save or None)
-    return get_peft_model(model, peft_cfg)
+    wrapped = get_peft_model(model, peft_cfg)
+    for module in cfg.unfreeze:
+        params = [p for name, p in wrapped.named_parameters() if _in_module(name, module)]
+        if not params:
+            raise ConfigError(f"model.lora.unfreeze names no module of {type(model).__name__}: {module}",
+                              key="model.lora.unfreeze")
+        for p in params:
+            p.requires_grad_(True)
+    return wrapped
 
 
 def move_to(batch: Any, device: torch.device) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -71,6 +72,16 @@ class Task(ABC):
 
 
 TASKS: Registry[type[Task]] = Registry("task")
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """A seed for one item's augmentation in one epoch: independent of workers, batch order and resume."""
+    return zlib.crc32(f"{seed}:{epoch}:{index}".encode())
+
+
+def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A torch generator seeded by `item_seed`."""
+    return torch.Generator().manual_seed(item_seed(seed, epoch, index))
 
 
 def register_task(name: str) -> Callable[[type[Task]], type[Task]]:

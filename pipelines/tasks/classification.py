@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -15,7 +14,7 @@ from torch.utils.data import Dataset
 from medai.io.images import load_image_table, read_image
 from medai.io.medmnist import load_medmnist
 from pipelines.metrics import classification_metrics
-from pipelines.tasks import Task, TaskData, register_task
+from pipelines.tasks import Task, TaskData, item_generator, register_task
 
 # Inputs are scaled to [-1, 1] (mean = std = 0.5), what the packaged ImageNet weights expect.
 MEAN, STD = 0.5, 0.5
@@ -33,12 +32,6 @@ class ClassificationOptions:
     image_column: str = "image"
     label_column: str = "label"
     split_column: str = "split"
-
-
-def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """A generator seeded by (seed, epoch, item): augmentation independent of workers and resume."""
-    key = zlib.crc32(f"{seed}:{epoch}:{index}".encode())
-    return torch.Generator().manual_seed(key)
 
 
 class ImageClassificationDataset(Dataset):

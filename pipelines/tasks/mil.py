@@ -9,7 +9,6 @@ The best epoch is chosen by validation AUROC + F1, as the ACMIL authors do (ties
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +30,7 @@ from medai.io.mil_bags import (
 from medai.transforms.mil import subsample_instances
 from models.mil import mil_loss
 from pipelines.metrics import classification_metrics
-from pipelines.tasks import Task, TaskData, register_task
+from pipelines.tasks import Task, TaskData, item_seed, register_task
 
 
 @dataclass
@@ -140,7 +139,7 @@ class MILBagDataset(Dataset):
         bag = self.bags[index]
         features = bag.features
         if self.augment and (self.max_instances or self.min_fraction < 1.0):
-            rng = np.random.default_rng(zlib.crc32(f"{self.seed}:{self.epoch}:{index}".encode()))
+            rng = np.random.default_rng(item_seed(self.seed, self.epoch, index))
             features = features[subsample_instances(len(features), self.max_instances, rng, self.min_fraction)]
         if self.mean is not None:
             features = (features - self.mean) / self.std

@@ -10,7 +10,6 @@ Crops are drawn from a generator seeded by (seed, epoch, item), so resume is exa
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from pipelines.segmentation import (
     read_split,
     sliding_window_logits,
 )
-from pipelines.tasks import Task, TaskData, register_task
+from pipelines.tasks import Task, TaskData, item_seed, register_task
 
 
 @dataclass
@@ -68,8 +67,7 @@ class VolumeDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = self.items[index]
         if self.augment is not None:
-            key = zlib.crc32(f"{self.seed}:{self.epoch}:{index}".encode())
-            self.augment.set_random_state(seed=key)
+            self.augment.set_random_state(seed=item_seed(self.seed, self.epoch, index))
             item = self.augment(dict(item))
         return {"image": torch.as_tensor(item["image"]).float(), "label": torch.as_tensor(item["label"]).long(),
                 "index": torch.tensor(index)}

@@ -17,11 +17,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
 from medai.io.vqa_rad import VQAItem, load_vqa_rad
-from pipelines.tasks import Task, TaskData, register_task
+from pipelines.tasks import Task, TaskData, item_generator, register_task
 from pipelines.text_metrics import closed_correct, token_scores
 
 
@@ -35,13 +36,35 @@ class VQAOptions:
     image_size: int = 224
     max_new_tokens: int = 8  # answers in VQA-RAD are short; bounded generation at evaluation
     max_time_s: float = 900.0  # per batch; a safety net, far above what a batch needs
+    # Train split only: a random zoom-crop (85-100% of the side) and +-10% contrast / +-5% brightness.
+    # No flips or rotations: VQA-RAD asks about left and right, and about orientation.
+    augment: bool = False
+
+
+def augment_pixels(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Zoom-crop to 85-100% of the side at a random place, resize back; jitter contrast and brightness."""
+    size = x.shape[-1]
+    side = max(1, round(size * (0.85 + 0.15 * float(torch.rand(1, generator=g)))))
+    top, left = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=g))
+    x = x[:, top:top + side, left:left + side]
+    if side != size:
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    contrast, brightness = 0.9 + 0.2 * torch.rand(2, generator=g)
+    mean = x.mean()
+    return ((x - mean) * contrast + mean + (brightness - 1.0) / 2).clamp_(0.0, 1.0)
 
 
 class VQADataset(Dataset):
     """VQA items -> (pixels in [0, 1] (3, S, S), question, answer, closed flag, normalised answer, qid)."""
 
-    def __init__(self, items: list[VQAItem], image_size: int, with_images: bool = True):
+    def __init__(self, items: list[VQAItem], image_size: int, with_images: bool = True, augment: bool = False,
+                 seed: int = 0):
         self.items, self.image_size, self.with_images = items, image_size, with_images
+        self.augment, self.seed, self.epoch = augment, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draw of an epoch (called by the engine)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.items)
@@ -56,6 +79,8 @@ class VQADataset(Dataset):
         if self.with_images:
             with Image.open(item.image_path) as image:
                 pixels = square_image_tensor(image, self.image_size, check=False, source=str(item.image_path))
+            if self.augment:
+                pixels = augment_pixels(pixels, item_generator(self.seed, self.epoch, index))
         return {"pixels": pixels, "question": item.question, "answer": item.answer, "answer_norm": item.answer_norm,
                 "closed": item.is_closed, "qid": item.qid}
 
@@ -110,7 +135,7 @@ class VQATask(Task):
         train, val = split_train_val(train_all, opts.val_fraction, seed)
         test = load_vqa_rad(data_cfg.path, "test")
         with_images = opts.image_mode == "image"
-        datasets = {name: VQADataset(items, opts.image_size, with_images)
+        datasets = {name: VQADataset(items, opts.image_size, with_images, opts.augment and name == "train", seed)
                     for name, items in (("train", train), ("val", val), ("test", test))}
         info = {"n_train": len(train), "n_val": len(val), "n_test": len(test),
                 "model_kwargs": {"image_size": opts.image_size}}

@@ -94,6 +94,26 @@ def test_lora_stage_adds_trainable_adapters_only(tiny_lm_path):
     assert lora_keys and all("lora_" in k for k in lora_keys)
 
 
+def test_a_training_backbone_keeps_its_batchnorm_statistics(tiny_lm_path, vqa_items):
+    from torch import nn
+
+    _, images = vqa_items
+    cfg = VLMConfig(backbone_pretrained=None, image_size=64, num_image_tokens=4, language_model=str(tiny_lm_path))
+    model = VisionLanguageModel.from_config(cfg)
+    model.freeze_for_stage("instruct")
+    model.train()
+    assert not model.backbone.training  # frozen: all in eval
+    model.backbone.requires_grad_(True)
+    model.train()
+    norms = [m for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert model.backbone.training and norms and not any(m.training for m in norms)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items() if "running_" in k}
+    tokens = model.encode_images(model.preprocess(images[:2]))
+    tokens.sum().backward()
+    assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items() if "running_" in k)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+
+
 def test_generation_is_bounded_and_streams(tiny_vlm, vqa_items):
     items, images = vqa_items
     gens = tiny_vlm.generate_answers(images, [it.question for it in items], max_new_tokens=3)

@@ -69,3 +69,23 @@ def test_validation_holds_out_whole_images(vqa_rad_path):
     fit, val = split_train_val(train, 0.1, seed=0)
     assert len(fit) + len(val) == len(train) and val
     assert not {it.image_path.name for it in fit} & {it.image_path.name for it in val}
+
+
+def test_augmentation_is_train_only_seeded_and_bounded(mini_vqa_rad):
+    import torch
+
+    from pipelines.tasks import get_task
+    from pipelines.finetune import DataConfig
+
+    task = get_task("vqa", {"stage": "instruct", "image_size": 64, "val_fraction": 0.2, "augment": True})
+    data = task.setup(DataConfig(path=mini_vqa_rad), seed=0)
+    train, val, test = (data.datasets[s] for s in ("train", "val", "test"))
+    assert train.augment and not val.augment and not test.augment
+    plain = task.setup(DataConfig(path=mini_vqa_rad), seed=0).datasets["train"]
+    plain.augment = False
+    x0 = train[0]["pixels"]
+    assert x0.shape == (3, 64, 64) and 0.0 <= float(x0.min()) and float(x0.max()) <= 1.0
+    assert torch.equal(x0, train[0]["pixels"])  # the same draw for the same (seed, epoch, item)
+    assert not torch.equal(x0, plain[0]["pixels"])
+    train.set_epoch(1)
+    assert not torch.equal(x0, train[0]["pixels"])  # a new draw each epoch
