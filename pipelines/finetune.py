@@ -536,7 +536,10 @@ class Trainer:
         if saved_cfg.is_file():
             import yaml
 
-            old, new = yaml.safe_load(saved_cfg.read_text()), to_dict(self.cfg)
+            # Read the saved config through TrainConfig, so that a field added to medai since the run
+            # was saved takes its default there and only a real change refuses the resume.
+            old = to_dict(from_dict(TrainConfig, yaml.safe_load(saved_cfg.read_text()), source=saved_cfg))
+            new = to_dict(self.cfg)
             diffs = _config_diffs(old, new, ignore={"trainer.epochs", "trainer.max_steps",
                                                     "trainer.early_stopping_patience", "trainer.evaluate_test"})
             if diffs:

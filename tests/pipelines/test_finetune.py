@@ -69,6 +69,20 @@ def test_run_writes_traceable_outputs(tmp_path, breastmnist_path):
     assert again.best_epoch == result.best_epoch and len(again.history) == 2
 
 
+def test_resume_refuses_a_changed_config_but_not_a_field_added_since(tmp_path, breastmnist_path):
+    from pipelines.finetune import TrainingError
+
+    path = write_config(tmp_path, breastmnist_path, epochs=1, limit_train_batches=1, evaluate_test=False)
+    first = finetune(load_train_config(path))
+    saved = first.run_dir / "config.yaml"
+    older = yaml.safe_load(saved.read_text())
+    del older["optim"]["lr_scale"], older["model"]["lora"]["unfreeze"]  # as a run saved by an older medai
+    saved.write_text(yaml.safe_dump(older))
+    assert finetune(load_train_config(path)).best_epoch == first.best_epoch
+    with pytest.raises(TrainingError, match="config changed at optim.lr$"):
+        finetune(load_train_config(path, ["optim.lr=0.01"]))
+
+
 def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, breastmnist_path):
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     ref_dir.mkdir(), cut_dir.mkdir()
