@@ -271,8 +271,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     unmatched = sorted(set(cfg.lr_scale) - matched)
     if unmatched:
         raise ConfigError(f"optim.lr_scale names no trainable module: {', '.join(unmatched)}", key="optim.lr_scale")
-    groups = [{"params": params, "lr": cfg.lr * scale, "weight_decay": cfg.weight_decay if decay else 0.0}
-              for (scale, decay), params in buckets.items()]
+    # Unscaled groups first, decayed before not: the progress bar and logs read group 0's LR, and
+    # without lr_scale the order is the one older checkpoints' optimizer states were saved in.
+    order = sorted(buckets, key=lambda k: (k[0] != 1.0, not k[1], k[0]))
+    groups = [{"params": buckets[k], "lr": cfg.lr * k[0], "weight_decay": cfg.weight_decay if k[1] else 0.0}
+              for k in order]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)

@@ -45,6 +45,7 @@ def test_unfreeze_trains_a_module_in_place_and_lr_scale_groups_it():
             assert group["lr"] == pytest.approx(2.5e-4 if ".layer4." in name else 1e-3)
             assert group["weight_decay"] == (0.0 if p.ndim <= 1 or name.endswith(".bias") else 0.1)
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(trainable)
+    assert optimizer.param_groups[0]["lr"] == 1e-3 and optimizer.param_groups[0]["weight_decay"] == 0.1
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
     scheduler.step()
     assert sorted({g["lr"] for g in optimizer.param_groups}) == pytest.approx([1.25e-4, 5e-4])
