@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipelines.finetune import finetune, load_train_config
 from pipelines.tasks.vqa import split_train_val
@@ -72,8 +73,6 @@ def test_validation_holds_out_whole_images(vqa_rad_path):
 
 
 def test_augmentation_is_train_only_seeded_and_bounded(mini_vqa_rad):
-    import torch
-
     from pipelines.tasks import get_task
     from pipelines.finetune import DataConfig
 
@@ -89,3 +88,23 @@ def test_augmentation_is_train_only_seeded_and_bounded(mini_vqa_rad):
     assert not torch.equal(x0, plain[0]["pixels"])
     train.set_epoch(1)
     assert not torch.equal(x0, train[0]["pixels"])  # a new draw each epoch
+
+
+def test_unfrozen_variant_fine_tunes_the_encoder_but_not_its_statistics(mini_vqa_rad, tiny_lm_path, tmp_path):
+    from safetensors.torch import load_file
+
+    from medai.utils import seed_everything
+    from models import create_model
+
+    overrides = _overrides(mini_vqa_rad, tiny_lm_path, tmp_path / "runs") + [
+        "model.pretrained=null", "trainer.evaluate_test=false"]
+    run = finetune(load_train_config("configs/vqa_rad_instruct_unfrozen.yaml", overrides), "never")
+    trained = {k.removeprefix("base_model.model."): v
+               for k, v in load_file(str(run.run_dir / "checkpoints" / "last" / "model.safetensors")).items()}
+    seed_everything(0)
+    fresh = create_model("vlm_lite0_smollm2", language_model=str(tiny_lm_path), backbone_pretrained=None,
+                         num_image_tokens=4, image_size=64).state_dict()
+    backbone = [k for k in fresh if k.startswith("backbone.") and k in trained]
+    moved = {k for k in backbone if not torch.equal(trained[k], fresh[k])}
+    assert any(k.endswith("conv_stem.weight") for k in moved)  # the encoder trained, in place
+    assert not any("running_" in k for k in moved)  # with its BatchNorm statistics fixed
