@@ -49,9 +49,9 @@ def augment_pixels(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     x = x[:, top:top + side, left:left + side]
     if side != size:
         x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-    contrast, brightness = 0.9 + 0.2 * torch.rand(2, generator=g)
+    contrast, shift = torch.rand(2, generator=g) * torch.tensor([0.2, 0.1]) + torch.tensor([0.9, -0.05])
     mean = x.mean()
-    return ((x - mean) * contrast + mean + (brightness - 1.0) / 2).clamp_(0.0, 1.0)
+    return ((x - mean) * contrast + mean + shift).clamp_(0.0, 1.0)
 
 
 class VQADataset(Dataset):
