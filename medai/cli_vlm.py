@@ -11,26 +11,35 @@ from rich.console import Console
 vlm_app = typer.Typer(help="Vision-language head: ask, evaluate on VQA-RAD, draft grounded reports.",
                       no_args_is_help=True)
 console = Console()
+CHECKPOINT_HELP = "Which checkpoint of --run and --blind-run: best (by the run's monitor) or last."
 
 
-def _load(model: str, run: Optional[Path]) -> Any:
-    """A registered medai VLM, a trained run folder, or a local HF image-text-to-text folder."""
+def _load(model: str, run: Optional[Path], checkpoint: str = "best") -> Any:
+    """A registered medai VLM, a trained run folder (its `checkpoint`), or a local HF image-text-to-text folder."""
     if run is not None:
         from pipelines.evaluate import load_run
 
-        return load_run(run)[3].eval()
+        return load_run(run, checkpoint)[3].eval()
     from models.vlm import load_vlm
 
     loaded = load_vlm(model)
     return loaded.eval() if hasattr(loaded, "eval") else loaded
 
 
-def _with_blind(model: str, run: Optional[Path], blind_run: Optional[Path], condition: list[str]
-                ) -> tuple[Any, Any, list[str]]:
+def _source(model: str, run: Optional[Path], checkpoint: str) -> str:
+    """Name the answering model for the evaluation's resume check: a run's checkpoint file and its time, or a model."""
+    if run is None:
+        return model
+    weights = (run / "checkpoints" / checkpoint / "model.safetensors").resolve()  # load_run has checked it exists
+    return f"{weights} @ {weights.stat().st_mtime_ns}"
+
+
+def _with_blind(model: str, run: Optional[Path], blind_run: Optional[Path], condition: list[str],
+                checkpoint: str = "best") -> tuple[Any, Any, list[str]]:
     """The evaluated model, the question-only model (if a run is given) and the conditions, 'blind_trained' added."""
     conditions = list(condition) + (["blind_trained"] if blind_run and "blind_trained" not in condition else [])
-    blind = _load(model, blind_run) if blind_run is not None else None
-    return _load(model, run), blind, conditions
+    blind = _load(model, blind_run, checkpoint) if blind_run is not None else None
+    return _load(model, run, checkpoint), blind, conditions
 
 
 @vlm_app.command("ask")
@@ -63,13 +72,16 @@ def evaluate(
     condition: list[str] = typer.Option(["image", "blank", "noise", "blind", "image+vcd"], help="Repeatable."),
     max_new_tokens: int = typer.Option(12),
     batch_size: int = typer.Option(8),
+    checkpoint: str = typer.Option("best", help=CHECKPOINT_HELP),
 ) -> None:
     """VQA-RAD test: closed accuracy, open exact/recall/F1 with 95% CIs, visual reliance and VCD effect."""
     from medai.data import dataset_path
     from pipelines.vqa import VQAEvalConfig, evaluate_vqa_rad, format_summary
 
-    vlm, blind, conditions = _with_blind(model, run, blind_run, condition)
-    cfg = VQAEvalConfig(dataset_path("vqa_rad"), out, conditions, limit, batch_size, max_new_tokens)
+    vlm, blind, conditions = _with_blind(model, run, blind_run, condition, checkpoint)
+    cfg = VQAEvalConfig(dataset_path("vqa_rad"), out, conditions, limit, batch_size, max_new_tokens,
+                        model_source=_source(model, run, checkpoint),
+                        blind_source=_source(model, blind_run, checkpoint) if blind_run else "")
     results = evaluate_vqa_rad(vlm, cfg, blind_model=blind)
     console.print(format_summary(results))
     console.print(f"written: {out / 'summary.json'}, {out / 'summary.md'}")
@@ -84,6 +96,7 @@ def templated(
     per_source: int = typer.Option(40, help="Questions per source (BreastMNIST, hippocampus, DICOM, slides)."),
     condition: list[str] = typer.Option(["image", "blank", "blind"], help="Repeatable."),
     max_new_tokens: int = typer.Option(6),
+    checkpoint: str = typer.Option("best", help=CHECKPOINT_HELP),
 ) -> None:
     """Templated questions with exact answers from the shared labelled data: accuracy with 95% CIs."""
     import json
@@ -93,7 +106,7 @@ def templated(
     from pipelines.vqa import evaluate_templated, format_templated
 
     questions = templated_question_set(data_root(), per_source)
-    vlm, blind, conditions = _with_blind(model, run, blind_run, condition)
+    vlm, blind, conditions = _with_blind(model, run, blind_run, condition, checkpoint)
     results = evaluate_templated(vlm, questions, conditions, max_new_tokens=max_new_tokens, blind_model=blind)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(results, indent=2))

@@ -59,6 +59,10 @@ class VQAEvalConfig:
     # A safety net only: a time-cut answer is scored as given, so keep this far above a batch's need.
     max_time_s: float = 900.0
     n_boot: int = 2000
+    # Who answers (e.g. a run folder and checkpoint): written beside each predictions file, so that
+    # resuming into the same `out_dir` with another model is refused instead of silently mixed.
+    model_source: str = ""
+    blind_source: str = ""
 
 
 def _read_done(path: Path) -> dict[str, dict[str, Any]]:
@@ -71,8 +75,21 @@ def _read_done(path: Path) -> dict[str, dict[str, Any]]:
     return done
 
 
+def check_source(path: Path, source: dict[str, Any]) -> None:
+    """Record who answers into `path`; refuse to resume predictions that another model or bound produced."""
+    sidecar = path.with_name(path.stem + ".source.json")
+    if sidecar.is_file():
+        saved = json.loads(sidecar.read_text())
+        if saved != source:
+            raise ValueError(f"{path} holds predictions of {saved}, not of {source}: "
+                             "evaluate into another --out folder, or delete that file to answer again")
+    elif path.is_file() and path.stat().st_size:
+        log.warning("%s has no record of the model that wrote it; resuming it as is", path)
+    sidecar.write_text(json.dumps(source, indent=1))
+
+
 def run_condition(model: Any, items: Sequence[VQAItem], condition: str, path: Path, batch_size: int,
-                  max_new_tokens: int, max_time_s: float = 900.0) -> list[dict[str, Any]]:
+                  max_new_tokens: int, max_time_s: float = 900.0, source: str = "") -> list[dict[str, Any]]:
     """Answer every item under one condition, appending to `path` (resumes where it stopped)."""
     from PIL import Image
     from tqdm import tqdm
@@ -80,6 +97,7 @@ def run_condition(model: Any, items: Sequence[VQAItem], condition: str, path: Pa
     from models.vlm import VLMInputError
 
     image_mode, mitigation = CONDITIONS[condition]
+    check_source(path, {"model": source, "max_new_tokens": max_new_tokens})
     done = _read_done(path)
     todo = [it for it in items if it.qid not in done]
     # VCD runs a second branch with its own cache per row; keep it to one row at a time.
@@ -171,9 +189,10 @@ def evaluate_vqa_rad(model: Any, cfg: VQAEvalConfig, blind_model: Any | None = N
     per_item = {"majority": score(test, majority_preds)}
     profiles = {"majority": yes_no_profile(test, majority_preds)}
     for condition in cfg.conditions:
-        answerer = blind_model if condition == "blind_trained" else model
-        records = run_condition(answerer, test, condition, cfg.out_dir / f"predictions_{condition}.jsonl",
-                                cfg.batch_size, cfg.max_new_tokens, cfg.max_time_s)
+        blind = condition == "blind_trained"
+        records = run_condition(blind_model if blind else model, test, condition,
+                                cfg.out_dir / f"predictions_{condition}.jsonl", cfg.batch_size, cfg.max_new_tokens,
+                                cfg.max_time_s, cfg.blind_source if blind else cfg.model_source)
         per_item[condition] = score(test, [r["prediction"] for r in records])
         profiles[condition] = yes_no_profile(test, [r["prediction"] for r in records])
         results["conditions"][condition] = {"failed": sum("error" in r for r in records),

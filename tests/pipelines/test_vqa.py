@@ -66,6 +66,9 @@ def test_evaluation_job_runs_all_conditions_and_resumes(tiny_vlm, vqa_rad_path, 
         assert profile["n"] >= 1 and 0 <= profile["yes_rate"] <= 100
     evaluate_vqa_rad(tiny_vlm, cfg, blind_model=tiny_vlm)  # resumes: nothing is answered twice
     assert len((tmp_path / "predictions_image.jsonl").read_text().splitlines()) == 6
+    cfg.model_source = "runs/another/checkpoints/best"  # another model must not inherit these predictions
+    with pytest.raises(ValueError, match="predictions_image.jsonl holds predictions of"):
+        evaluate_vqa_rad(tiny_vlm, cfg, blind_model=tiny_vlm)
 
 
 def test_templated_evaluation_scores_each_condition(tiny_vlm, breastmnist_path):
