@@ -3,7 +3,7 @@
 # question-only baseline of the same LM, then the test-split evaluation (image / blank / noise /
 # blind / blind_trained / image+VCD, majority baseline, 95% CIs) and the templated question set.
 # Every step resumes where it stopped. VQA_EPOCHS=N sets the epochs of all three trainings (the
-# configs' own: 2 / 3 / 3); the model card says which were used for its numbers.
+# configs' own: 2 / 3 / 5); the model card says which were used for its numbers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MEDAI=${MEDAI:-.venv/bin/medai}
