@@ -1,6 +1,7 @@
 """VQA evaluation job: a VLM on VQA-RAD's test split under several conditions, with 95% CIs.
 
-Conditions (each a resumable JSONL of per-question predictions under `out_dir`):
+Conditions (each a resumable JSONL of per-question predictions under `out_dir`, with a `.source.json`
+naming the model that wrote it, so another model never resumes it):
 - `image`        the real image (the model as it is used)
 - `blank`/`noise` the image replaced by a black image / uniform noise (visual reliance check:
                  closed accuracy that does not fall towards the blind baseline means the model
