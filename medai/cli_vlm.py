@@ -30,7 +30,9 @@ def _source(model: str, run: Optional[Path], checkpoint: str) -> str:
     """Name the answering model for the evaluation's resume check: a run's checkpoint file and its time, or a model."""
     if run is None:
         return model
-    weights = (run / "checkpoints" / checkpoint / "model.safetensors").resolve()  # load_run has checked it exists
+    from pipelines.checkpointing import run_weights
+
+    weights = run_weights(run, checkpoint).resolve()  # load_run has checked it exists
     return f"{weights} @ {weights.stat().st_mtime_ns}"
 
 

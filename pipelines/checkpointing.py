@@ -121,6 +121,11 @@ def commit_folder(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def run_weights(run_dir: Path, checkpoint: str = "best") -> Path:
+    """Return the model weights file of a `medai finetune` run's `best` or `last` checkpoint."""
+    return Path(run_dir) / "checkpoints" / checkpoint / "model.safetensors"
+
+
 def find_checkpoint(folder: Path) -> Path | None:
     """Return the complete checkpoint at `folder` (or its `.old` twin after a crash mid-rename)."""
     for candidate in (folder, folder.with_name(folder.name + ".old")):

@@ -420,6 +420,7 @@ def run_ehr_experiment(cfg: EHRExperimentConfig) -> dict[str, Any]:
     import torch
 
     from models import create_model
+    from pipelines.checkpointing import run_weights
     from pipelines.finetune import finetune, write_json
     from pipelines.metrics import bootstrap_ci, paired_bootstrap
     from pipelines.tasks.ehr import EHRTaskOptions
@@ -440,7 +441,7 @@ def run_ehr_experiment(cfg: EHRExperimentConfig) -> dict[str, Any]:
         t0 = time.time()
         pre = finetune(_train_config(cfg, "ehr_pretrain", spec, cfg.pretrain, f"{spec.name}/pretrain", None,
                                      "val_nll", "min", options))
-        weights = pre.run_dir / "checkpoints" / "best" / "model.safetensors"
+        weights = run_weights(pre.run_dir)
         fine = finetune(_train_config(cfg, "ehr_multitask", spec, cfg.finetune, f"{spec.name}/multitask",
                                       str(weights), "val_mean_auroc", "max", options))
         test_preds[spec.name] = dict(np.load(fine.run_dir / "predictions_test.npz"))
@@ -474,7 +475,7 @@ def run_ehr_experiment(cfg: EHRExperimentConfig) -> dict[str, Any]:
         }
     if cfg.models:
         spec = cfg.models[0]
-        model = create_model(spec.name, pretrained=str(finetuned[spec.name] / "checkpoints" / "best" / "model.safetensors"),
+        model = create_model(spec.name, pretrained=str(run_weights(finetuned[spec.name])),
                              vocab_size=len(prepared.tokenizer), num_labels=prepared.num_labels, **spec.kwargs)
         results["explanation"] = write_explanation(model, prepared, test_preds[spec.name], out)
         del model

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def load_run(run_dir: Path, checkpoint: str = "best") -> tuple[Any, Task, TaskData, nn.Module]:
     """Rebuild a run's task, data and model with the checkpoint's weights."""
-    from pipelines.checkpointing import load_model_state
+    from pipelines.checkpointing import load_model_state, run_weights
     from pipelines.finetune import TrainConfig, apply_lora
 
     from medai.config import read_yaml
@@ -41,7 +41,7 @@ def load_run(run_dir: Path, checkpoint: str = "best") -> tuple[Any, Task, TaskDa
     model = task.build_model(cfg.model, data.info)
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora)
-    weights = run_dir / "checkpoints" / checkpoint / "model.safetensors"
+    weights = run_weights(run_dir, checkpoint)
     if not weights.is_file():
         raise CheckpointError(weights, f"run has no '{checkpoint}' checkpoint")
     load_model_state(model, weights)
@@ -88,9 +88,9 @@ def evaluate_run(
         cfg, task, data, model = load_run(run_dir, checkpoint)
         batch_size = batch_size or cfg.data.eval_batch
     else:
-        from pipelines.checkpointing import load_model_state
+        from pipelines.checkpointing import load_model_state, run_weights
 
-        load_model_state(model, run_dir / "checkpoints" / checkpoint / "model.safetensors")
+        load_model_state(model, run_weights(run_dir, checkpoint))
     preds = predict_split(task, model, data, split, batch_size or 64)
     np.savez_compressed(run_dir / f"predictions_{split}.npz", **preds)
     metrics = bootstrap_ci(task.metrics, preds, n_boot=n_boot)
