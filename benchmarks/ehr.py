@@ -24,12 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# this checkout's medai first, and benchmarks/ off the path: its kernels.py would shadow Hugging Face's `kernels`
+sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
+    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from medai.data import dataset_path  # noqa: E402
 from medai.io.ehr import ingest_fhir, ingest_mimic  # noqa: E402
 from medai.transforms.ehr import EHRTokenizer, pad_batch  # noqa: E402
-from models import create_model  # noqa: E402
+from medai.models import create_model  # noqa: E402
 
 
 def bench_ingestion(n_bundles: int) -> None:

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # before benchmarks/: its kernels.py would shadow the package
+# this checkout's medai first, and benchmarks/ off the path: its kernels.py would shadow Hugging Face's `kernels`
+sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
+    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from pipelines.metrics import paired_bootstrap
-from pipelines.segmentation import HIPPOCAMPUS_LABELS, NNUNET_TASK04_DICE, summarize_cases
+from medai.pipelines.metrics import paired_bootstrap
+from medai.pipelines.segmentation import HIPPOCAMPUS_LABELS, NNUNET_TASK04_DICE, summarize_cases
 
 MODELS = {"dynunet_3d": "DynUNet (baseline)", "umamba_bot_3d": "U-Mamba-Bot", "umamba_enc_3d": "U-Mamba-Enc"}
 KEYS = [f"{m}_{n}" for n in HIPPOCAMPUS_LABELS.values() for m in ("dice", "hd95")]

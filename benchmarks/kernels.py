@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# this checkout's medai first, and benchmarks/ off the path: its kernels.py would shadow Hugging Face's `kernels`
+sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
+    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 log = logging.getLogger("benchmarks.kernels")
 
@@ -62,7 +64,7 @@ def _entry(name: str, seconds: float, flops: float | None = None, bytes_moved: f
 
 def bench_pool(device: str, repeats: int, n: int) -> dict:
     """Gated attention pool (K=2 branches, D=1024, L=256): forward instance throughput."""
-    from kernels.gated_attention_pool_ref import gated_attention_pool_ref
+    from medai.kernels.gated_attention_pool_ref import gated_attention_pool_ref
 
     d, hidden, k = 1024, 256, 2
     g = torch.Generator().manual_seed(0)
@@ -76,7 +78,7 @@ def bench_pool(device: str, repeats: int, n: int) -> dict:
         rows.append(_entry("reference", _time(lambda: gated_attention_pool_ref(h, *params), repeats, device), flops,
                            h.numel() * h.element_size()))
         if device == "cuda":
-            from kernels.gated_attention_pool import gated_attention_pool
+            from medai.kernels.gated_attention_pool import gated_attention_pool
 
             rows.append(_entry("triton", _time(lambda: gated_attention_pool(h, *params), repeats, device), flops,
                                h.numel() * h.element_size()))
@@ -85,7 +87,7 @@ def bench_pool(device: str, repeats: int, n: int) -> dict:
 
 def bench_slide_attention(device: str, repeats: int, n: int) -> dict:
     """Slide attention (1 slide, 8 heads, head_dim 64): dense and LongNet-dilated; SDPA and flash-attn as baselines."""
-    from kernels.slide_attention_ref import slide_attention_ref
+    from medai.kernels.slide_attention_ref import slide_attention_ref
 
     heads, dim = 8, 64
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -98,7 +100,7 @@ def bench_slide_attention(device: str, repeats: int, n: int) -> dict:
         rows.append(_entry("sdpa_dense", _time(
             lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), repeats, device), dense_flops))
         if device == "cuda":
-            from kernels.slide_attention import slide_attention
+            from medai.kernels.slide_attention import slide_attention
 
             rows.append(_entry("triton_dense", _time(lambda: slide_attention(q, k, v), repeats, device), dense_flops))
             rows.append(_entry("triton_dilated", _time(lambda: slide_attention(q, k, v, **segment), repeats, device),
@@ -114,7 +116,7 @@ def bench_slide_attention(device: str, repeats: int, n: int) -> dict:
 
 def slide_sparsity(n: int) -> dict:
     """Fraction of (query, key) block pairs the kernel visits vs the pattern's FLOP fraction, at slide-sized N."""
-    from kernels.slide_attention import visited_block_fraction
+    from medai.kernels.slide_attention import visited_block_fraction
 
     rows = []
     for segment_length, dilation in [(n // 8, 1), (n // 8, 4), (n // 64, 2)]:
@@ -138,7 +140,7 @@ def slide_sparsity(n: int) -> dict:
 
 def bench_neighborhood_attention(device: str, repeats: int) -> dict:
     """DiNA (batch 64, 4 heads, 28x28, head_dim 32, kernel 7, dilation 2): kernel vs the unfused gather reference."""
-    from kernels.neighborhood_attention_ref import neighborhood_attention_2d as reference
+    from medai.kernels.neighborhood_attention_ref import neighborhood_attention_2d as reference
 
     shape = (64 if device == "cuda" else 4, 4, 28, 28, 32)
     q, k, v = (torch.randn(*shape, device=device) for _ in range(3))
@@ -148,7 +150,7 @@ def bench_neighborhood_attention(device: str, repeats: int) -> dict:
     with torch.no_grad():
         rows.append(_entry("reference_gather", _time(lambda: reference(q, k, v, 7, 2, rpb), repeats, device), flops))
         if device == "cuda":
-            from kernels.neighborhood_attention import neighborhood_attention_2d
+            from medai.kernels.neighborhood_attention import neighborhood_attention_2d
 
             rows.append(_entry("triton", _time(lambda: neighborhood_attention_2d(q, k, v, 7, 2, rpb), repeats, device),
                                flops))
@@ -162,7 +164,7 @@ def bench_neighborhood_attention(device: str, repeats: int) -> dict:
 
 def bench_selective_scan(device: str, repeats: int) -> dict:
     """Selective scan (batch 4, dim 768, N 16, L 2048 on CUDA; smaller on CPU): bytes of u, Δ, B, C, z, out."""
-    from kernels.selective_scan_ref import selective_scan_chunked
+    from medai.kernels.selective_scan_ref import selective_scan_chunked
 
     batch, dim, n_state, length = (4, 768, 16, 2048) if device == "cuda" else (1, 64, 16, 512)
     g = torch.Generator().manual_seed(0)
@@ -175,7 +177,7 @@ def bench_selective_scan(device: str, repeats: int) -> dict:
     with torch.no_grad():
         rows.append(_entry("reference_chunked", _time(lambda: selective_scan_chunked(*args), repeats, device), None, moved))
         if device == "cuda":
-            from kernels.selective_scan import selective_scan
+            from medai.kernels.selective_scan import selective_scan
 
             rows.append(_entry("triton", _time(lambda: selective_scan(*args), repeats, device), None, moved))
             if importlib.util.find_spec("mamba_ssm"):
@@ -189,7 +191,7 @@ POOL_MEMORY_CHILD = r"""
 import json, sys, torch
 n, device = int(sys.argv[1]), sys.argv[2]
 torch.set_num_threads(1)
-from kernels.ops import gated_attention_pool
+from medai.kernels.ops import gated_attention_pool
 d, hidden, k = 128, 128, 2
 params = [t.to(device) for t in (torch.randn(hidden, d) * 0.05, torch.zeros(hidden), torch.randn(hidden, d) * 0.05,
                                  torch.zeros(hidden), torch.randn(k, hidden), torch.zeros(k))]

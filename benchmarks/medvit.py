@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # before benchmarks/: its kernels.py would shadow the package
+# this checkout's medai first, and benchmarks/ off the path: its kernels.py would shadow Hugging Face's `kernels`
+sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
+    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 MODELS = ["resnet50", "convnext_tiny", "medvit_tiny", "medvit_small", "medvit_base", "medvit_large"]
 
 
@@ -30,7 +32,7 @@ def measure(name: str, mode: str, device: str, batch: int, size: int, repeats: i
 
     torch.manual_seed(0)
     if name.startswith("medvit"):
-        from models import create_model
+        from medai.models import create_model
 
         model = create_model(name)
     else:

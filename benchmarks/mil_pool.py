@@ -18,13 +18,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # before benchmarks/: its kernels.py would shadow the package
+# this checkout's medai first, and benchmarks/ off the path: its kernels.py would shadow Hugging Face's `kernels`
+sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
+    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 CHILD = r"""
 import json, sys, time, torch
 impl, n, d, hidden, k, repeats, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
 torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "1")))
-from kernels.ops import gated_attention_pool
+from medai.kernels.ops import gated_attention_pool
 
 def naive(h, wv, bv, wu, bu, ww, bw, mask=None):
     gate = torch.tanh(h @ wv.T + bv) * torch.sigmoid(h @ wu.T + bu)

@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # before benchmarks/: its kernels.py would shadow the package
+# this checkout's medai first, and benchmarks/ off the path: its kernels.py would shadow Hugging Face's `kernels`
+sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
+    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from medai.data import dataset_path
-from pipelines.mil_benchmark import BenchmarkSettings, results_markdown, run_mil_benchmark
+from medai.pipelines.mil_benchmark import BenchmarkSettings, results_markdown, run_mil_benchmark
 
 MODELS = ("abmil", "acmil", "acmil_aem", "transmil")
 # name -> (dataset key, path inside it, folds, epochs, standardise features, val fraction, default seeds, task options)
@@ -50,7 +52,7 @@ HIGH_GRADE = (2, 3, 4)  # SICAPv2 patch labels: 0 NC, 1 G3, 2 G4, 3 G5, 4 G4 cri
 
 def fold_model(run: Path, name: str, in_features: int):
     """The best checkpoint of one benchmark fold run, built with the kwargs that run was trained with."""
-    from models import create_model
+    from medai.models import create_model
 
     kwargs = yaml.safe_load((run / "config.yaml").read_text())["model"]["kwargs"]
     return create_model(name, pretrained=run / "checkpoints" / "best" / "model.safetensors",
@@ -60,8 +62,8 @@ def fold_model(run: Path, name: str, in_features: int):
 def sicapv2_attention_by_grade(runs: Path, models: list[str], seed: int, folds: int, val_fraction: float) -> str:
     """Markdown table: out-of-fold high-grade share of attention vs of patches in cancerous SICAPv2 slides."""
     from medai.io.mil_bags import read_sicapv2_bags
-    from pipelines.mil_heatmaps import attention_by_instance_label, attention_grid_png, attention_maps
-    from pipelines.tasks.mil import stratified_cv_split
+    from medai.pipelines.mil_heatmaps import attention_by_instance_label, attention_grid_png, attention_maps
+    from medai.pipelines.tasks.mil import stratified_cv_split
 
     bags = read_sicapv2_bags(dataset_path("mil_sicapv2_128d"))
     labels = np.array([b.label for b in bags])
@@ -101,8 +103,8 @@ def combined_table(names: list[str]) -> str:
 
 def medmnist_attention_on_positives(runs: Path, models: list[str], seed: int, path: Path, options: dict) -> str:
     """Markdown table: in positive test bags, the malignant images' share of attention vs of instances."""
-    from pipelines.mil_heatmaps import attention_by_instance_label, attention_maps
-    from pipelines.tasks.mil import MILOptions, bag_splits, read_bags
+    from medai.pipelines.mil_heatmaps import attention_by_instance_label, attention_maps
+    from medai.pipelines.tasks.mil import MILOptions, bag_splits, read_bags
 
     bags = read_bags(path, MILOptions(**options))
     test = [bags[i] for i in bag_splits(bags, MILOptions(**options))["test"] if bags[i].label == 1]

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# this checkout's medai first, and benchmarks/ off the path: its kernels.py would shadow Hugging Face's `kernels`
+sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
+    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from kernels import ops  # noqa: E402
+from medai.kernels import ops  # noqa: E402
 from tests.kernels.test_neighborhood_attention import (  # noqa: E402
     na2d_brute_force,
     na2d_dense_from_mask_mod,

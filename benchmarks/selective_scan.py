@@ -16,13 +16,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # before benchmarks/: its kernels.py would shadow the package
+# this checkout's medai first, and benchmarks/ off the path: its kernels.py would shadow Hugging Face's `kernels`
+sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
+    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def _measure(impl: str, length: int, batch: int, dim: int, n_state: int, backward: bool, queue) -> None:
     import torch
 
-    from kernels.selective_scan_ref import selective_scan_chunked, selective_scan_sequential
+    from medai.kernels.selective_scan_ref import selective_scan_chunked, selective_scan_sequential
 
     torch.manual_seed(0)
     fn = selective_scan_chunked if impl == "chunked" else selective_scan_sequential

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # before benchmarks/: its kernels.py would shadow the package
+# this checkout's medai first, and benchmarks/ off the path: its kernels.py would shadow Hugging Face's `kernels`
+sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
+    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from medai.data import dataset_path
-from models import create_model
-from pipelines.segmentation import case_records, read_split, sliding_window_logits
+from medai.models import create_model
+from medai.pipelines.segmentation import case_records, read_split, sliding_window_logits
 from medai.transforms.volume import segmentation_transforms
 
 MODELS = ("dynunet_3d", "umamba_bot_3d", "umamba_enc_3d")

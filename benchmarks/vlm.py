@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's medai, not an installed one
+# this checkout's medai first, and benchmarks/ off the path: its kernels.py would shadow Hugging Face's `kernels`
+sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
+    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def measure(model, image, question: str, tokens: int, use_cache: bool, repeats: int) -> dict[str, float]:
@@ -35,7 +37,7 @@ def measure(model, image, question: str, tokens: int, use_cache: bool, repeats: 
 
 
 def _generate(model, image, question, tokens, use_cache):
-    from models.vlm import _NoCacheGenerate, _run_generate
+    from medai.models.vlm import _NoCacheGenerate, _run_generate
 
     inputs = model.build_inputs(model.preprocess([image]), [question], padding_side="left")
     # Both settings ignore end-of-sequence so they generate exactly `tokens` tokens.
@@ -62,7 +64,7 @@ def main() -> None:
 
     from medai.data import dataset_path
     from medai.io.vqa_rad import load_vqa_rad
-    from models import create_model
+    from medai.models import create_model
 
     item = load_vqa_rad(dataset_path("vqa_rad"), "test")[0]
     image = Image.open(item.image_path).convert("RGB")

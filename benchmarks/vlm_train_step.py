@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # before benchmarks/: its kernels.py would shadow the package
+# this checkout's medai first, and benchmarks/ off the path: its kernels.py would shadow Hugging Face's `kernels`
+sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
+    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def full_sequence_loss(model, pixels, questions, answers) -> torch.Tensor:
@@ -39,7 +41,7 @@ def main() -> None:
 
     from medai.data import dataset_path
     from medai.io.vqa_rad import load_vqa_rad
-    from models import create_model
+    from medai.models import create_model
 
     items = load_vqa_rad(dataset_path("vqa_rad"), "train")[: args.batch]
     model = create_model("vlm_lite0_smollm2", num_image_tokens=16)

@@ -26,12 +26,14 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# this checkout's medai first, and benchmarks/ off the path: its kernels.py would shadow Hugging Face's `kernels`
+sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
+    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from medai.data import data_root  # noqa: E402
 from medai.io.wsi import WSIError, open_slide  # noqa: E402
 from medai.transforms.tissue import TissueConfig, tissue_overlay, write_png  # noqa: E402
-from pipelines.slides import PatchConfig, build_patch_grid, segment_slide  # noqa: E402
+from medai.pipelines.slides import PatchConfig, build_patch_grid, segment_slide  # noqa: E402
 
 PATCH = PatchConfig(patch_size=256, target_mpp=0.5)
 VISUAL_CHECK = "## Visual check"  # hand-written section of the Markdown file, kept when the table is regenerated

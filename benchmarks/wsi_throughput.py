@@ -32,7 +32,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# this checkout's medai first, and benchmarks/ off the path: its kernels.py would shadow Hugging Face's `kernels`
+sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
+    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def _peak_rss_mb() -> float:
@@ -89,7 +91,7 @@ def _mean_pool_encoder():
     """A stand-in encoder (per-channel mean) so the tile pipeline is timed alone."""
     import torch
 
-    from pipelines.extract_features import Encoder
+    from medai.pipelines.extract_features import Encoder
 
     class MeanPool(torch.nn.Module):
         def forward(self, x):
@@ -104,7 +106,7 @@ def child(args: argparse.Namespace) -> None:
     import h5py
     import torch
 
-    from pipelines.extract_features import (
+    from medai.pipelines.extract_features import (
         EncoderConfig,
         PatchDataset,
         build_encoder,

@@ -122,7 +122,7 @@ def dispatch(op_name: str, device: torch.device | str) -> Callable:
 
 def backend_report(device: torch.device | str = "cpu") -> dict[str, str]:
     """Return {op: backend or the reason none runs} for every registered op on `device`."""
-    import kernels.ops  # noqa: F401  (registers the ops)
+    import medai.kernels.ops  # noqa: F401  (registers the ops)
 
     report = {}
     for name in OPS:

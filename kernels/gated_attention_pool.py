@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gated_attention_pool_ref import _check_inputs
+from medai.kernels.gated_attention_pool_ref import _check_inputs
 
 # Programs per launch: enough to fill an H100 (132 SMs) twice; the combine work is NUM_SPLITS*K*D.
 NUM_SPLITS = 264

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.neighborhood_attention_ref import _check_inputs
+from medai.kernels.neighborhood_attention_ref import _check_inputs
 
 BLOCK_W = 16
 

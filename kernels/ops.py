@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kernels.dispatch import OPS, dispatch, register_op, select_backend
+from medai.kernels.dispatch import OPS, dispatch, register_op, select_backend
 
 __all__ = ["OPS", "dispatch", "register_op", "select_backend", "selective_scan", "neighborhood_attention_2d",
            "gated_attention_pool", "slide_attention"]
@@ -17,8 +17,8 @@ __all__ = ["OPS", "dispatch", "register_op", "select_backend", "selective_scan",
 
 register_op(
     "selective_scan",
-    reference="kernels.selective_scan_ref:selective_scan_chunked",
-    triton="kernels.selective_scan:selective_scan",
+    reference="medai.kernels.selective_scan_ref:selective_scan_chunked",
+    triton="medai.kernels.selective_scan:selective_scan",
     peer="mamba_ssm.ops.selective_scan_interface:selective_scan_fn",
 )
 
@@ -49,8 +49,8 @@ def selective_scan(
 
 register_op(
     "neighborhood_attention_2d",
-    reference="kernels.neighborhood_attention_ref:neighborhood_attention_2d",
-    triton="kernels.neighborhood_attention:neighborhood_attention_2d",
+    reference="medai.kernels.neighborhood_attention_ref:neighborhood_attention_2d",
+    triton="medai.kernels.neighborhood_attention:neighborhood_attention_2d",
 )
 
 
@@ -73,8 +73,8 @@ def neighborhood_attention_2d(
 
 register_op(
     "gated_attention_pool",
-    reference="kernels.gated_attention_pool_ref:gated_attention_pool_ref",
-    triton="kernels.gated_attention_pool:gated_attention_pool",
+    reference="medai.kernels.gated_attention_pool_ref:gated_attention_pool_ref",
+    triton="medai.kernels.gated_attention_pool:gated_attention_pool",
 )
 
 
@@ -91,8 +91,8 @@ def gated_attention_pool(
 
 register_op(
     "slide_attention",
-    reference="kernels.slide_attention_ref:slide_attention_ref",
-    triton="kernels.slide_attention:slide_attention",
+    reference="medai.kernels.slide_attention_ref:slide_attention_ref",
+    triton="medai.kernels.slide_attention:slide_attention",
 )
 
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.selective_scan_ref import _check_and_prepare, _finish
+from medai.kernels.selective_scan_ref import _check_and_prepare, _finish
 
 CHUNK = 64  # steps between saved states: memory B·D·N·L/CHUNK, recompute cost one extra forward
 BLOCK_DIM = 16

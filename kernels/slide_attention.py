@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.slide_attention_ref import check_slide_inputs, token_groups
+from medai.kernels.slide_attention_ref import check_slide_inputs, token_groups
 
 BLOCK = 32  # tokens per query / key tile (>= 16 for tl.dot); tuned for the interpreter, 64-128 on a GPU
 _NO_WINDOW = 1 << 30

@@ -66,8 +66,8 @@ def demo(
 ) -> None:
     """Run the main job on the bundled defaults: preflight, BreastMNIST fine-tuning, its evaluation."""
     from medai.utils import repo_root
-    from pipelines.finetune import finetune as run_finetune
-    from pipelines.finetune import load_train_config
+    from medai.pipelines.finetune import finetune as run_finetune
+    from medai.pipelines.finetune import load_train_config
 
     doctor()
     config = repo_root() / "configs" / "breastmnist_resnet18.yaml"
@@ -95,8 +95,8 @@ def finetune(
     seeds: int = typer.Option(1, help="Repeat over this many seeds and report mean ± sd."),
 ) -> None:
     """Fine-tune a registered model on a dataset with the shared engine (resumable)."""
-    from pipelines.finetune import finetune as run_finetune
-    from pipelines.finetune import finetune_seeds, load_train_config
+    from medai.pipelines.finetune import finetune as run_finetune
+    from medai.pipelines.finetune import finetune_seeds, load_train_config
 
     cfg = load_train_config(config, override)
     mode = "auto" if resume is None else ("must" if resume else "never")
@@ -121,7 +121,7 @@ def evaluate(
     compare: Optional[Path] = typer.Option(None, help="Another run: paired bootstrap of every metric."),
 ) -> None:
     """Evaluate a run: metrics with bootstrap 95% CIs, plots, optional paired comparison."""
-    from pipelines.evaluate import compare_runs, evaluate_run
+    from medai.pipelines.evaluate import compare_runs, evaluate_run
 
     report = evaluate_run(run_dir, split, n_boot, checkpoint)
     for name, m in report["metrics"].items():
@@ -170,7 +170,7 @@ def data_list() -> None:
 @models_app.command("list")
 def models_list(pattern: str = typer.Argument("*", help="Shell-style pattern.")) -> None:
     """List registered models with their family, pretrained tags and card."""
-    from models.registry import list_models, model_entry
+    from medai.models.registry import list_models, model_entry
 
     table = Table(title="models")
     for col in ("name", "family", "pretrained", "card"):
@@ -217,7 +217,7 @@ def ehr_experiment(
     override: list[str] = typer.Option([], "--override", "-o", help="key.sub=value (YAML value)."),
 ) -> None:
     """Pretrain + multitask fine-tune EHRMamba and the Transformer baseline, fit the bag-of-codes baselines; print the table."""
-    from pipelines.ehr import load_experiment_config, run_ehr_experiment
+    from medai.pipelines.ehr import load_experiment_config, run_ehr_experiment
 
     cfg = load_experiment_config(config, override)
     run_ehr_experiment(cfg)
@@ -409,7 +409,7 @@ def models_convert_medvit(
     destination: Path = typer.Argument(..., help="Where to write the safetensors file."),
 ) -> None:
     """Convert a public MedViTV2 checkpoint to safetensors (names mapped, loaded strictly)."""
-    from pipelines.convert_medvit import convert_medvit_checkpoint
+    from medai.pipelines.convert_medvit import convert_medvit_checkpoint
 
     result = convert_medvit_checkpoint(source, destination)
     kwargs = ", ".join(f"{k}={v!r}" for k, v in result["kwargs"].items())

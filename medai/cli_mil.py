@@ -24,7 +24,7 @@ def mil_benchmark(
     out: Path = typer.Option(Path("runs/mil_benchmark"), help="Output folder (runs, results.json, results.md)."),
 ) -> None:
     """Cross-validate MIL models on a bag set through the shared engine; print the results table."""
-    from pipelines.mil_benchmark import BenchmarkSettings, run_mil_benchmark
+    from medai.pipelines.mil_benchmark import BenchmarkSettings, run_mil_benchmark
 
     settings = BenchmarkSettings(models=tuple(m.strip() for m in models.split(",") if m.strip()), folds=folds,
                                  seeds=tuple(range(seeds)), epochs=epochs, standardize=standardize,
@@ -40,7 +40,7 @@ def mil_convert_acmil(
     dest: Path = typer.Argument(..., help="Output .safetensors file."),
 ) -> None:
     """Convert an ACMIL authors' checkpoint (read without executing code) to medai safetensors."""
-    from pipelines.mil_checkpoints import convert_acmil_checkpoint
+    from medai.pipelines.mil_checkpoints import convert_acmil_checkpoint
 
     console.print(f"wrote {convert_acmil_checkpoint(src, dest)}")
 
@@ -62,7 +62,7 @@ def mil_attention(
     mpp: Optional[float] = typer.Option(None, help="Level-0 µm/px of the slide when its file has none."),
 ) -> None:
     """Export per-patch attention (npz for the slide renderer) and a grid preview PNG for each bag."""
-    from pipelines.mil_heatmaps import export_attention
+    from medai.pipelines.mil_heatmaps import export_attention
 
     written = export_attention(model, weights, bags, out, kwargs, slide=slide, branches=branch, top_k=top_k, mpp=mpp)
     for path in written:

@@ -20,7 +20,7 @@ def split(
     seed: int = typer.Option(0, help="Shuffle seed."),
 ) -> None:
     """Write a fixed, seeded train/validation split file of the labelled cases."""
-    from pipelines.segmentation import make_split, write_split
+    from medai.pipelines.segmentation import make_split, write_split
 
     data = make_split(dataset_dir, val_fraction, seed)
     write_split(data, out)
@@ -40,8 +40,8 @@ def predict(
 ) -> None:
     """Segment one volume with sliding-window inference; write NIfTI labels in the input grid."""
     from medai.config import apply_overrides
-    from models import create_model
-    from pipelines.segmentation import predict_volume
+    from medai.models import create_model
+    from medai.pipelines.segmentation import predict_volume
 
     options = apply_overrides({}, option)
     net = create_model(model, pretrained=weights, **options)

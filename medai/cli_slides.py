@@ -75,8 +75,8 @@ def slides_tissue(
     """Detect tissue; write the mask, a thumbnail overlay and QuPath GeoJSON."""
     from medai.errors import MedaiError
     from medai.io.wsi import open_slide
-    from pipelines.extract_features import slide_id_for
-    from pipelines.slides import segment_slide
+    from medai.pipelines.extract_features import slide_id_for
+    from medai.pipelines.slides import segment_slide
 
     try:
         with open_slide(slide, mpp=mpp) as handle:
@@ -105,8 +105,8 @@ def slides_patch(
     """Segment tissue and write the patch grid (coords HDF5, CLAM/TRIDENT layout) and its overlay."""
     from medai.errors import MedaiError
     from medai.io.wsi import open_slide
-    from pipelines.extract_features import slide_id_for
-    from pipelines.slides import PatchConfig, patch_slide
+    from medai.pipelines.extract_features import slide_id_for
+    from medai.pipelines.slides import PatchConfig, patch_slide
 
     cfg = PatchConfig(patch_size=patch_size, target_mpp=target_mpp, min_tissue_fraction=min_tissue)
     try:
@@ -149,7 +149,7 @@ def slides_extract(
     """Extract patch features for many slides into <out>/features/<id>.h5; resumable; failures recorded."""
     from medai.config import from_dict
     from medai.errors import MedaiError
-    from pipelines.extract_features import ExtractConfig, read_slide_list, run_extraction
+    from medai.pipelines.extract_features import ExtractConfig, read_slide_list, run_extraction
 
     # SIGTERM (batch schedulers) unwinds like Ctrl-C so temporaries are removed and locks released.
     signal.signal(signal.SIGTERM, _interrupt)

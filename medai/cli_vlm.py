@@ -17,10 +17,10 @@ CHECKPOINT_HELP = "Which checkpoint of --run and --blind-run: best (by the run's
 def _load(model: str, run: Optional[Path], checkpoint: str = "best") -> Any:
     """A registered medai VLM, a trained run folder (its `checkpoint`), or a local HF image-text-to-text folder."""
     if run is not None:
-        from pipelines.evaluate import load_run
+        from medai.pipelines.evaluate import load_run
 
         return load_run(run, checkpoint)[3].eval()
-    from models.vlm import load_vlm
+    from medai.models.vlm import load_vlm
 
     loaded = load_vlm(model)
     return loaded.eval() if hasattr(loaded, "eval") else loaded
@@ -30,7 +30,7 @@ def _source(model: str, run: Optional[Path], checkpoint: str) -> str:
     """Name the answering model for the evaluation's resume check: a run's checkpoint file and its time, or a model."""
     if run is None:
         return model
-    from pipelines.checkpointing import run_weights
+    from medai.pipelines.checkpointing import run_weights
 
     weights = run_weights(run, checkpoint).resolve()  # load_run has checked it exists
     return f"{weights} @ {weights.stat().st_mtime_ns}"
@@ -78,7 +78,7 @@ def evaluate(
 ) -> None:
     """VQA-RAD test: closed accuracy, open exact/recall/F1 with 95% CIs, visual reliance and VCD effect."""
     from medai.data import dataset_path
-    from pipelines.vqa import VQAEvalConfig, evaluate_vqa_rad, format_summary
+    from medai.pipelines.vqa import VQAEvalConfig, evaluate_vqa_rad, format_summary
 
     vlm, blind, conditions = _with_blind(model, run, blind_run, condition, checkpoint)
     cfg = VQAEvalConfig(dataset_path("vqa_rad"), out, conditions, limit, batch_size, max_new_tokens,
@@ -105,7 +105,7 @@ def templated(
 
     from medai.data import data_root
     from medai.io.templated_vqa import templated_question_set
-    from pipelines.vqa import evaluate_templated, format_templated
+    from medai.pipelines.vqa import evaluate_templated, format_templated
 
     questions = templated_question_set(data_root(), per_source)
     vlm, blind, conditions = _with_blind(model, run, blind_run, condition, checkpoint)
@@ -125,7 +125,7 @@ def report(
     dicom: Optional[Path] = typer.Option(None, help="A source DICOM instance of the study: also write an SR."),
 ) -> None:
     """Draft a report from structured findings; every finding sentence is checked and flagged if unsupported."""
-    from pipelines.report import draft_report, load_findings, write_report_sr
+    from medai.pipelines.report import draft_report, load_findings, write_report_sr
 
     study = load_findings(findings)
     vlm = _load(model, None) if drafter == "lm" else None

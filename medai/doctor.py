@@ -63,23 +63,11 @@ def orthanc_dicomweb_plugin() -> Path | None:
     return None
 
 
-def kernels_name_clash() -> str | None:
-    """Say why `import kernels` would not be medai's package (Hugging Face's `kernels` shares the name), or None."""
-    from importlib import metadata
-
-    try:
-        version = metadata.version("kernels")
-    except metadata.PackageNotFoundError:
-        return None
-    return (f"Hugging Face's 'kernels' {version} is installed and shares the import name of medai's kernels/ "
-            "package; transformers then imports the wrong one (`pip uninstall kernels`, transformers<5.25)")
-
-
 def run_doctor() -> DoctorReport:
     """Collect the preflight report (imports torch; takes a second or two)."""
     import torch
 
-    from kernels.dispatch import backend_report, kernel_mode, triton_interpreting
+    from medai.kernels.dispatch import backend_report, kernel_mode, triton_interpreting
     from medai.data import data_root
     from medai.weights import PACKAGED
 
@@ -91,8 +79,9 @@ def run_doctor() -> DoctorReport:
     r.add("system", "devices", True, "cpu" + "".join(f", cuda:{i} {n}" for i, n in enumerate(devices)))
     mode = f"MEDAI_KERNELS={kernel_mode()}, TRITON_INTERPRET={'1' if triton_interpreting() else '0'}"
     r.add("kernels", "mode", True, mode)
-    clash = kernels_name_clash()
-    r.add("kernels", "import name", clash is None, clash or "'kernels' is medai's package")
+    import medai.kernels
+
+    r.add("kernels", "package", True, f"medai.kernels at {list(medai.kernels.__path__)[0]}")
     for device in ["cpu"] + (["cuda"] if cuda else []):
         for op, backend in backend_report(device).items():
             r.add("kernels", f"{op} [{device}]", not backend.startswith("unavailable"), backend)

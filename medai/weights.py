@@ -78,7 +78,7 @@ class PackagedWeights:
 
 
 def _convert_efficientnet_lite0(src: Path, dest: Path) -> None:
-    from models.efficientnet import convert_lite0_state_dict
+    from medai.models.efficientnet import convert_lite0_state_dict
 
     import torch
     from safetensors.torch import save_file

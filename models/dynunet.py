@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from models.registry import register_model
+from medai.models.registry import register_model
 
 
 @dataclass

@@ -13,7 +13,7 @@ import timm
 import torch
 from torch import nn
 
-from models.registry import register_model
+from medai.models.registry import register_model
 
 IMAGENET_LITE_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_LITE_STD = (0.5, 0.5, 0.5)

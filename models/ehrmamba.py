@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.mamba import MambaConfig, MambaStack
-from models.registry import register_model
+from medai.models.mamba import MambaConfig, MambaStack
+from medai.models.registry import register_model
 
 
 @dataclass

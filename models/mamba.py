@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.ops import selective_scan
+from medai.kernels.ops import selective_scan
 
 
 @dataclass

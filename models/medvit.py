@@ -45,11 +45,11 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
-from kernels import ops
+from medai.kernels import ops
 from medai.errors import CheckpointError, ConfigError, ModelInputError
 from medai.utils import repo_root
-from models.kan import FasterKAN, FasterKANConfig
-from models.registry import register_model
+from medai.models.kan import FasterKAN, FasterKANConfig
+from medai.models.registry import register_model
 
 log = logging.getLogger(__name__)
 

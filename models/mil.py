@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.ops import gated_attention_pool
-from models.registry import register_model
+from medai.kernels.ops import gated_attention_pool
+from medai.models.registry import register_model
 
 
 # --------------------------------------------------------------------------------------
@@ -582,7 +582,7 @@ _ACMIL = dict(num_branches=5, n_masked_patch=10, mask_drop=0.6, head_mode="branc
 
 def _bracs(tag: str):
     def resolve():
-        from pipelines.mil_checkpoints import resolve_acmil_bracs
+        from medai.pipelines.mil_checkpoints import resolve_acmil_bracs
 
         return resolve_acmil_bracs(tag)
 

@@ -64,11 +64,11 @@ def _import_families() -> None:
     import importlib
     import pkgutil
 
-    import models
+    import medai.models
 
-    for info in pkgutil.iter_modules(models.__path__):
+    for info in pkgutil.iter_modules(medai.models.__path__):
         if not info.name.startswith("_") and info.name not in ("registry", "layers"):
-            importlib.import_module(f"models.{info.name}")
+            importlib.import_module(f"medai.models.{info.name}")
 
 
 def list_models(pattern: str = "*") -> list[str]:

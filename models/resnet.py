@@ -10,7 +10,7 @@ from __future__ import annotations
 import timm
 from torch import nn
 
-from models.registry import register_model
+from medai.models.registry import register_model
 
 
 def _resnet(arch: str, num_classes: int, in_chans: int, small_input: bool, drop_rate: float) -> nn.Module:

@@ -25,9 +25,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from models.mamba import MambaConfig, MambaMixer
+from medai.models.mamba import MambaConfig, MambaMixer
 from medai.utils import repo_root
-from models.registry import register_model
+from medai.models.registry import register_model
 
 Direction = Literal["forward", "reverse", "inter_slice"]
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from medai.errors import MedaiError, OptionalDependencyError
-from models.registry import create_model, register_model
+from medai.models.registry import create_model, register_model
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -882,7 +882,7 @@ class HFImageTextToText:
 
 def load_vlm(name_or_path: str | Path, **kwargs: Any) -> VisionLanguageModel | HFImageTextToText:
     """Return a VLM: a registered medai VLM name, or a local HF image-text-to-text folder."""
-    from models.registry import list_models
+    from medai.models.registry import list_models
 
     if isinstance(name_or_path, str) and name_or_path in list_models("vlm_*"):
         return create_model(name_or_path, **kwargs)

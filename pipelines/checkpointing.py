@@ -145,6 +145,6 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
 
 def load_model_state(model: nn.Module, path: Path) -> None:
     """Load a safetensors state into a model strictly (tied weights restored through their alias)."""
-    from models.registry import load_state_strict
+    from medai.models.registry import load_state_strict
 
     load_state_strict(model, load_file(str(path)), path)

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from medai.errors import CheckpointError
-from models import create_model, save_weights
-from models.medvit import convert_reference_state_dict, reference_config_from_state_dict
-from models.registry import load_state_strict
+from medai.models import create_model, save_weights
+from medai.models.medvit import convert_reference_state_dict, reference_config_from_state_dict
+from medai.models.registry import load_state_strict
 
 log = logging.getLogger(__name__)
 

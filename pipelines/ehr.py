@@ -388,7 +388,7 @@ def load_experiment_config(path: str | Path, overrides: Sequence[str] = ()) -> E
 
     cfg = load_config(EHRExperimentConfig, path, overrides)
     cfg.data_path = Path(str(cfg.data_path).replace("${MEDAI_DATA}", str(data_root())))
-    from pipelines.tasks.ehr import EHRTaskOptions
+    from medai.pipelines.tasks.ehr import EHRTaskOptions
 
     from_dict(EHRTaskOptions, cfg.options, source=path, prefix="options")  # fail early on a typo
     return cfg
@@ -396,7 +396,7 @@ def load_experiment_config(path: str | Path, overrides: Sequence[str] = ()) -> E
 
 def _train_config(cfg: EHRExperimentConfig, task: str, spec: NeuralModelSpec, stage: StageSpec, run_name: str,
                   pretrained: str | None, monitor: str, mode: str, options: dict[str, Any]):
-    from pipelines.finetune import (DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig,
+    from medai.pipelines.finetune import (DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig,
                                     TrainerConfig)
 
     return TrainConfig(
@@ -419,11 +419,11 @@ def run_ehr_experiment(cfg: EHRExperimentConfig) -> dict[str, Any]:
 
     import torch
 
-    from models import create_model
-    from pipelines.checkpointing import run_weights
-    from pipelines.finetune import finetune, write_json
-    from pipelines.metrics import bootstrap_ci, paired_bootstrap
-    from pipelines.tasks.ehr import EHRTaskOptions
+    from medai.models import create_model
+    from medai.pipelines.checkpointing import run_weights
+    from medai.pipelines.finetune import finetune, write_json
+    from medai.pipelines.metrics import bootstrap_ci, paired_bootstrap
+    from medai.pipelines.tasks.ehr import EHRTaskOptions
 
     from medai.config import from_dict
 

@@ -19,16 +19,16 @@ from torch import nn
 
 from medai.config import from_dict
 from medai.errors import CheckpointError, MedaiError
-from pipelines.metrics import bootstrap_ci, paired_bootstrap
-from pipelines.tasks import Task, TaskData, get_task
+from medai.pipelines.metrics import bootstrap_ci, paired_bootstrap
+from medai.pipelines.tasks import Task, TaskData, get_task
 
 log = logging.getLogger(__name__)
 
 
 def load_run(run_dir: Path, checkpoint: str = "best") -> tuple[Any, Task, TaskData, nn.Module]:
     """Rebuild a run's task, data and model with the checkpoint's weights."""
-    from pipelines.checkpointing import load_model_state, run_weights
-    from pipelines.finetune import TrainConfig, apply_lora
+    from medai.pipelines.checkpointing import load_model_state, run_weights
+    from medai.pipelines.finetune import TrainConfig, apply_lora
 
     from medai.config import read_yaml
 
@@ -51,7 +51,7 @@ def load_run(run_dir: Path, checkpoint: str = "best") -> tuple[Any, Task, TaskDa
 @torch.no_grad()
 def predict_split(task: Task, model: nn.Module, data: TaskData, split: str, batch_size: int = 64) -> dict[str, np.ndarray]:
     """Run the task's predict over a whole split, in order."""
-    from pipelines.finetune import EpochSampler, move_to
+    from medai.pipelines.finetune import EpochSampler, move_to
     from torch.utils.data import DataLoader
 
     if split not in data.datasets:
@@ -88,7 +88,7 @@ def evaluate_run(
         cfg, task, data, model = load_run(run_dir, checkpoint)
         batch_size = batch_size or cfg.data.eval_batch
     else:
-        from pipelines.checkpointing import load_model_state, run_weights
+        from medai.pipelines.checkpointing import load_model_state, run_weights
 
         load_model_state(model, run_weights(run_dir, checkpoint))
     preds = predict_split(task, model, data, split, batch_size or 64)

@@ -118,7 +118,7 @@ def save_cam_overlay(image: np.ndarray, cam: np.ndarray, path: str | Path, alpha
 def explain_run(run_dir: str | Path, split: str = "test", indices: tuple[int, ...] = (0, 1, 2),
                 out_dir: str | Path | None = None, checkpoint: str = "best") -> list[Path]:
     """Grad-CAM PNGs for items of a finished `medai finetune` run's split; returns the files."""
-    from pipelines.evaluate import load_run
+    from medai.pipelines.evaluate import load_run
 
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / f"gradcam_{split}"

@@ -50,7 +50,7 @@ from medai.io.patch_h5 import (
 from medai.io.wsi import WholeSlide, list_slides, open_slide
 from medai.transforms.tissue import TissueConfig
 from medai.utils import optional_import
-from pipelines.slides import PatchConfig, patch_slide
+from medai.pipelines.slides import PatchConfig, patch_slide
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def build_encoder(cfg: EncoderConfig) -> Encoder:
     if cfg.name.startswith("timm:"):
         import timm
 
-        from models.registry import load_weights
+        from medai.models.registry import load_weights
 
         model = timm.create_model(cfg.name[len("timm:") :], pretrained=False, num_classes=0)
         if cfg.pretrained:
@@ -181,7 +181,7 @@ def build_encoder(cfg: EncoderConfig) -> Encoder:
                 model, cfg.pretrained
             )  # a local pathology encoder checkpoint (safetensors)
     else:
-        from models.registry import create_model
+        from medai.models.registry import create_model
 
         model = create_model(cfg.name, pretrained=cfg.pretrained)
         if not hasattr(model, "reset_classifier"):

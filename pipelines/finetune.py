@@ -38,8 +38,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from medai.config import ConfigError, from_dict, load_config, save_config, to_dict
 from medai.errors import MedaiError
 from medai.utils import repo_root, seed_everything
-from pipelines import checkpointing as ckpt
-from pipelines.tasks import Task, TaskData, get_task
+from medai.pipelines import checkpointing as ckpt
+from medai.pipelines.tasks import Task, TaskData, get_task
 
 log = logging.getLogger(__name__)
 
@@ -796,7 +796,7 @@ class Trainer:
             write_json(self.run_dir / "final_digest.json", {"parameters_sha256": digest})
             plot_history(self.state["history"], self.run_dir / "curves.png", self.monitor)
             if t.evaluate_test and t.evaluate_split in self.data.datasets and (self.ckpt_dir / "best").exists():
-                from pipelines.evaluate import evaluate_run
+                from medai.pipelines.evaluate import evaluate_run
 
                 self.test_report = evaluate_run(self.run_dir, split=t.evaluate_split, n_boot=t.n_boot, task=self.task,
                                                 data=self.data, model=self.ema.module if self.ema else model,

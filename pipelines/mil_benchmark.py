@@ -51,7 +51,7 @@ class BenchmarkSettings:
 
 def headline_metrics(preds: dict[str, np.ndarray], task_type: str) -> dict[str, float]:
     """Accuracy, AUROC, balanced accuracy and F1 only (the bootstrap recomputes them 1000 times)."""
-    from pipelines.metrics import classification_metric_fns
+    from medai.pipelines.metrics import classification_metric_fns
 
     if task_type == "binary":
         return _binary_headline(preds["target"].astype(int), preds["prob"][:, 1])
@@ -94,7 +94,7 @@ def _binary_headline(y: np.ndarray, score: np.ndarray) -> dict[str, float]:
 
 
 def _fold_config(path: Path, model: str, seed: int, fold: int, s: BenchmarkSettings, runs_dir: Path):
-    from pipelines.finetune import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrainerConfig
+    from medai.pipelines.finetune import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrainerConfig
 
     options = {"folds": s.folds, "fold": fold, "split_seed": seed, "standardize": s.standardize,
                "val_fraction": s.val_fraction, "max_instances": s.max_instances, **s.data_options}
@@ -121,9 +121,9 @@ def _fold_predictions(run_dir: Path, test_ids: list[str]) -> tuple[list[str], np
 def run_mil_benchmark(path: str | Path, settings: BenchmarkSettings, output_dir: str | Path) -> dict[str, Any]:
     """Cross-validate every model over every seed; return and write {model: {seed: metrics with CIs}, summary}."""
     from medai.io.mil_bags import MILBag  # noqa: F401  (readers are imported by the task)
-    from pipelines.finetune import finetune
-    from pipelines.metrics import bootstrap_ci
-    from pipelines.tasks.mil import MILOptions, bag_splits, read_bags
+    from medai.pipelines.finetune import finetune
+    from medai.pipelines.metrics import bootstrap_ci
+    from medai.pipelines.tasks.mil import MILOptions, bag_splits, read_bags
 
     path, output_dir = Path(path), Path(output_dir)
     runs_dir = output_dir / "runs"

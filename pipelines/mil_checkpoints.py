@@ -46,8 +46,8 @@ def read_acmil_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], di
 
 def convert_acmil_checkpoint(src: str | Path, dest: str | Path) -> Path:
     """Convert an ACMIL authors' checkpoint to a medai safetensors file loadable by AttentionMIL; return dest."""
-    from models.mil import AttentionMIL, acmil_config_from_state, convert_acmil_state_dict
-    from models.registry import load_state_strict, save_weights
+    from medai.models.mil import AttentionMIL, acmil_config_from_state, convert_acmil_state_dict
+    from medai.models.registry import load_state_strict, save_weights
 
     author_state, info = read_acmil_checkpoint(src)
     try:

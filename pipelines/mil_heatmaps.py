@@ -201,7 +201,7 @@ def export_attention(model_name: str, weights: str | Path, bags_path: str | Path
 
     from medai.errors import ConfigError
     from medai.io.mil_bags import MILBag, read_clam_h5, read_sicapv2_bags
-    from models import create_model
+    from medai.models import create_model
 
     bags_path, out = Path(bags_path), Path(out)
     if bags_path.suffix == ".h5":

@@ -141,7 +141,7 @@ def label_metrics(
     nan (undefined) when the prediction or the truth of a label is empty; Dice is 0 when only
     one of them is empty and 1 when both are.
     """
-    from pipelines.metrics import segmentation_metrics
+    from medai.pipelines.metrics import segmentation_metrics
 
     n_classes = max(max(labels), int(prediction.max()), int(truth.max())) + 1
     scores = segmentation_metrics(np.asarray(prediction)[None], np.asarray(truth)[None], n_classes, tuple(spacing_mm))
@@ -161,7 +161,7 @@ def summarize_cases(per_case: Sequence[dict[str, Any]], keys: Sequence[str], n_b
 
     Undefined values (HD95 with an empty mask) are left out of the mean and counted.
     """
-    from pipelines.metrics import bootstrap_ci
+    from medai.pipelines.metrics import bootstrap_ci
 
     preds = {key: np.array([row[key] for row in per_case], dtype=np.float64) for key in keys}
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medai.io.vqa_rad import VQAItem, load_vqa_rad, majority_answers
-from pipelines.text_metrics import bootstrap_ci, closed_correct, extract_closed_answer, paired_bootstrap_diff, token_scores
+from medai.pipelines.text_metrics import bootstrap_ci, closed_correct, extract_closed_answer, paired_bootstrap_diff, token_scores
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def run_condition(model: Any, items: Sequence[VQAItem], condition: str, path: Pa
     from PIL import Image
     from tqdm import tqdm
 
-    from models.vlm import VLMInputError
+    from medai.models.vlm import VLMInputError
 
     image_mode, mitigation = CONDITIONS[condition]
     check_source(path, {"model": source, "max_new_tokens": max_new_tokens})
@@ -255,7 +255,7 @@ def evaluate_templated(model: Any, questions: Sequence[Any], conditions: Sequenc
 
     from tqdm import tqdm
 
-    from pipelines.text_metrics import closed_correct
+    from medai.pipelines.text_metrics import closed_correct
 
     templates = sorted({q.template for q in questions})
     results: dict[str, Any] = {"n": len(questions), "templated": True, "conditions": {},

@@ -1,7 +1,7 @@
 """Every benchmark script runs as `python benchmarks/X.py`: its imports resolve to the project's packages.
 
 Run that way, Python puts benchmarks/ first on sys.path, where benchmarks/kernels.py would shadow
-the `kernels` package; each script must put the repository root before it.
+Hugging Face's `kernels` (which transformers imports); each script takes its folder off the path.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ PROBE = """
 import runpy, sys
 sys.path.insert(0, sys.argv[2])  # what the interpreter does for a script: its folder first
 runpy.run_path(sys.argv[1], run_name="benchmark_import_probe")
-import kernels, kernels.ops
-assert hasattr(kernels, "__path__"), f"'kernels' resolved to {kernels.__file__}, not the package"
+import kernels, medai.kernels.ops
+assert hasattr(kernels, "get_kernel"), f"'kernels' resolved to {kernels.__file__}, not Hugging Face's package"
 """
 
 
@@ -56,7 +56,7 @@ def test_hippocampus_report_reads_engine_runs_and_pairs_them(msd_hippocampus_pat
     """Two tiny Task04 engine runs -> the card's table: a row per model and the paired difference."""
     import json
 
-    from pipelines.finetune import finetune, load_train_config
+    from medai.pipelines.finetune import finetune, load_train_config
 
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": ["hippocampus_001", "hippocampus_004"],

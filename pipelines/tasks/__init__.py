@@ -53,7 +53,7 @@ class Task(ABC):
 
     def build_model(self, model_cfg: Any, info: dict[str, Any]) -> nn.Module:
         """Build the model through the registry; `info` fills e.g. num_classes and in_chans."""
-        from models import create_model
+        from medai.models import create_model
 
         kwargs = {k: v for k, v in info.get("model_kwargs", {}).items() if k not in model_cfg.kwargs}
         return create_model(model_cfg.name, pretrained=model_cfg.pretrained, **kwargs, **model_cfg.kwargs)
@@ -97,8 +97,8 @@ def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
 
 def get_task(name: str, options: dict[str, Any] | None = None) -> Task:
     """Instantiate the registered task `name` (importing every task module first)."""
-    import pipelines.tasks as package
+    import medai.pipelines.tasks as package
 
     for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"pipelines.tasks.{info.name}")
+        importlib.import_module(f"medai.pipelines.tasks.{info.name}")
     return TASKS.get(name)(dict(options or {}))

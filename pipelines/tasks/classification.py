@@ -13,8 +13,8 @@ from torch.utils.data import Dataset
 
 from medai.io.images import load_image_table, read_image
 from medai.io.medmnist import load_medmnist
-from pipelines.metrics import classification_metrics
-from pipelines.tasks import Task, TaskData, item_generator, register_task
+from medai.pipelines.metrics import classification_metrics
+from medai.pipelines.tasks import Task, TaskData, item_generator, register_task
 
 # Inputs are scaled to [-1, 1] (mean = std = 0.5), what the packaged ImageNet weights expect.
 MEAN, STD = 0.5, 0.5

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipelines.ehr import EHRDataOptions, encode_sample, multitask_metrics, prepare_ehr, pretraining_windows
-from pipelines.tasks import Task, TaskData, register_task
+from medai.pipelines.ehr import EHRDataOptions, encode_sample, multitask_metrics, prepare_ehr, pretraining_windows
+from medai.pipelines.tasks import Task, TaskData, register_task
 
 
 @dataclass

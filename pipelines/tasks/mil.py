@@ -28,9 +28,9 @@ from medai.io.mil_bags import (
     read_splits,
 )
 from medai.transforms.mil import subsample_instances
-from models.mil import mil_loss
-from pipelines.metrics import classification_metrics
-from pipelines.tasks import Task, TaskData, item_seed, register_task
+from medai.models.mil import mil_loss
+from medai.pipelines.metrics import classification_metrics
+from medai.pipelines.tasks import Task, TaskData, item_seed, register_task
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipelines.segmentation import (
+from medai.pipelines.segmentation import (
     case_records,
     discover_labels,
     label_metrics,
@@ -27,7 +27,7 @@ from pipelines.segmentation import (
     read_split,
     sliding_window_logits,
 )
-from pipelines.tasks import Task, TaskData, item_seed, register_task
+from medai.pipelines.tasks import Task, TaskData, item_seed, register_task
 
 
 @dataclass

@@ -22,8 +22,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from medai.io.vqa_rad import VQAItem, load_vqa_rad
-from pipelines.tasks import Task, TaskData, item_generator, register_task
-from pipelines.text_metrics import closed_correct, token_scores
+from medai.pipelines.tasks import Task, TaskData, item_generator, register_task
+from medai.pipelines.text_metrics import closed_correct, token_scores
 
 
 @dataclass
@@ -72,7 +72,7 @@ class VQADataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         from PIL import Image
 
-        from models.vlm import square_image_tensor
+        from medai.models.vlm import square_image_tensor
 
         item = self.items[index]
         pixels = torch.zeros(0)

@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-import kernels.gated_attention_pool_ref as ref
-from kernels.ops import gated_attention_pool
+import medai.kernels.gated_attention_pool_ref as ref
+from medai.kernels.ops import gated_attention_pool
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
@@ -140,7 +140,7 @@ def test_one_million_instance_bag_runs_in_bounded_memory():
                     return int(line.split()[1]) / 1024
 
         torch.set_num_threads(1)
-        from kernels.ops import gated_attention_pool
+        from medai.kernels.ops import gated_attention_pool
         n, d, hidden, k = 1_000_000, 128, 128, 2
         params = [torch.randn(hidden, d) * 0.05, torch.zeros(hidden), torch.randn(hidden, d) * 0.05,
                   torch.zeros(hidden), torch.randn(k, hidden), torch.zeros(k)]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.gated_attention_pool import gated_attention_pool, gated_attention_pool_stats, top_instances
-from kernels.gated_attention_pool_ref import gated_attention_pool_ref
+from medai.kernels.gated_attention_pool import gated_attention_pool, gated_attention_pool_stats, top_instances
+from medai.kernels.gated_attention_pool_ref import gated_attention_pool_ref
 from tests.kernels.test_gated_attention_pool import make_params
 
 TOL = {
@@ -34,7 +34,7 @@ def _run(fn, h, params, mask, weight, weight_logits):
 @pytest.mark.parametrize("n,d,hidden,k", [(1, 5, 3, 1), (45, 13, 9, 3), (70, 33, 20, 2)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_forward_and_gradients_match_reference_fp32(kernel_device, monkeypatch, n, d, hidden, k, masked):
-    import kernels.gated_attention_pool as kernel_module
+    import medai.kernels.gated_attention_pool as kernel_module
 
     monkeypatch.setattr(kernel_module, "D_CHUNK", 16)  # D = 33 runs in 3 chunks of 16: the chunked walk over D
     g = torch.Generator().manual_seed(n + d)
@@ -95,15 +95,15 @@ def test_entropy_and_top_instances(kernel_device):
 
 
 def test_workspace_independent_of_bag_size():
-    from kernels.gated_attention_pool import NUM_SPLITS, _launch_shape
+    from medai.kernels.gated_attention_pool import NUM_SPLITS, _launch_shape
 
     small, large = _launch_shape(10_000, 512, 128, 2), _launch_shape(1_000_000, 512, 128, 2)
     assert small[1] == large[1] == (NUM_SPLITS, 4)  # same (K, D) partials for 10k and 1M instances; D in 4 chunks
 
 
 def test_dispatch_selects_the_kernel(monkeypatch, kernel_device):
-    import kernels.gated_attention_pool as kernel_module
-    from kernels.ops import gated_attention_pool as op
+    import medai.kernels.gated_attention_pool as kernel_module
+    from medai.kernels.ops import gated_attention_pool as op
 
     monkeypatch.setenv("MEDAI_KERNELS", "triton")
     calls = []

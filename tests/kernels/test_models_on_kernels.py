@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import models
-
+from medai.models import registry as models
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
@@ -40,7 +39,7 @@ def test_medvit_forward_matches_reference(monkeypatch):
     images = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
         reference = _on_backend(monkeypatch, "reference", lambda: model(images))
-        calls = _count_kernel_calls(monkeypatch, "kernels.neighborhood_attention", "neighborhood_attention_2d")
+        calls = _count_kernel_calls(monkeypatch, "medai.kernels.neighborhood_attention", "neighborhood_attention_2d")
         triton = _on_backend(monkeypatch, "triton", lambda: model(images))
     assert calls, "MedViT did not reach the Triton neighborhood-attention kernel"
     torch.testing.assert_close(triton, reference, **TOL)
@@ -58,7 +57,7 @@ def bag_5k(mil_sicapv2_128d_path):
 # 5,000 instances take 80-200 s under the interpreter on the loaded 2-core machine (slow); 300 run by default.
 @pytest.mark.parametrize("num_instances", [300, pytest.param(5000, marks=pytest.mark.slow)])
 def test_acmil_forward_backward_on_5k_bag_matches_reference(monkeypatch, bag_5k, num_instances):
-    from models.mil import mil_loss
+    from medai.models.mil import mil_loss
 
     bag = bag_5k[:num_instances]
     assert bag.shape == (num_instances, 128)
@@ -73,7 +72,7 @@ def test_acmil_forward_backward_on_5k_bag_matches_reference(monkeypatch, bag_5k,
         return out["logits"].detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     logits_ref, grads_ref = _on_backend(monkeypatch, "reference", step)
-    calls = _count_kernel_calls(monkeypatch, "kernels.gated_attention_pool", "gated_attention_pool")
+    calls = _count_kernel_calls(monkeypatch, "medai.kernels.gated_attention_pool", "gated_attention_pool")
     logits, grads = _on_backend(monkeypatch, "triton", step)
     assert calls, "ACMIL did not reach the Triton gated-attention-pool kernel"
     torch.testing.assert_close(logits, logits_ref, **TOL)
@@ -83,14 +82,14 @@ def test_acmil_forward_backward_on_5k_bag_matches_reference(monkeypatch, bag_5k,
 
 
 def test_mamba_stack_forward_matches_reference(monkeypatch):
-    from models.mamba import MambaConfig, MambaStack
+    from medai.models.mamba import MambaConfig, MambaStack
 
     torch.manual_seed(0)
     stack = MambaStack(MambaConfig(d_model=16, d_state=4, n_layers=2)).eval()
     tokens = torch.randn(2, 45, 16)
     with torch.no_grad():
         reference = _on_backend(monkeypatch, "reference", lambda: stack(tokens))
-        calls = _count_kernel_calls(monkeypatch, "kernels.selective_scan", "selective_scan")
+        calls = _count_kernel_calls(monkeypatch, "medai.kernels.selective_scan", "selective_scan")
         triton = _on_backend(monkeypatch, "triton", lambda: stack(tokens))
     assert calls, "the Mamba stack did not reach the Triton selective-scan kernel"
     torch.testing.assert_close(triton, reference, **TOL)
@@ -116,7 +115,7 @@ def test_ehrmamba_forward_matches_reference(monkeypatch):
     torch.manual_seed(0)
     model = models.create_model("ehrmamba_small", d_model=32, n_layers=2, time_embeddings_size=8, vocab_size=120,
                                 num_labels=3, dropout=0.0).eval()
-    calls = _count_kernel_calls(monkeypatch, "kernels.selective_scan", "selective_scan")
+    calls = _count_kernel_calls(monkeypatch, "medai.kernels.selective_scan", "selective_scan")
     with torch.no_grad():
         reference = _on_backend(monkeypatch, "reference", lambda: (model(batch), model.pretraining_loss(batch)))
         triton = _on_backend(monkeypatch, "triton", lambda: (model(batch), model.pretraining_loss(batch)))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import ops
-from kernels.neighborhood_attention_ref import neighborhood_attention_2d as na2d_reference
+from medai.kernels import ops
+from medai.kernels.neighborhood_attention_ref import neighborhood_attention_2d as na2d_reference
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
 # Eager FlexAttention warns that it materialises the scores: that is the point of a peer here.

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.neighborhood_attention import neighborhood_attention_2d
-from kernels.neighborhood_attention_ref import neighborhood_attention_2d as neighborhood_attention_ref
-from kernels.ops import neighborhood_attention_2d as neighborhood_attention_op
+from medai.kernels.neighborhood_attention import neighborhood_attention_2d
+from medai.kernels.neighborhood_attention_ref import neighborhood_attention_2d as neighborhood_attention_ref
+from medai.kernels.ops import neighborhood_attention_2d as neighborhood_attention_op
 
 TOL = {
     torch.float32: dict(rtol=1e-4, atol=1e-4),

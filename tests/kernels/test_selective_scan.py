@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.dispatch import KernelUnavailableError
-from kernels.ops import selective_scan
-from kernels.selective_scan_ref import linear_scan, selective_scan_chunked, selective_scan_sequential
+from medai.kernels.dispatch import KernelUnavailableError
+from medai.kernels.ops import selective_scan
+from medai.kernels.selective_scan_ref import linear_scan, selective_scan_chunked, selective_scan_sequential
 
 
 def make_inputs(batch, dim, n_state, length, groups=0, dtype=torch.float64, seed=0, a_scale=4.0):

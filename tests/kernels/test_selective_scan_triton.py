@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.selective_scan as kernel_module
-from kernels.ops import selective_scan as selective_scan_op
-from kernels.selective_scan import selective_scan
-from kernels.selective_scan_ref import selective_scan_chunked
+import medai.kernels.selective_scan as kernel_module
+from medai.kernels.ops import selective_scan as selective_scan_op
+from medai.kernels.selective_scan import selective_scan
+from medai.kernels.selective_scan_ref import selective_scan_chunked
 from tests.kernels.test_selective_scan import make_inputs
 
 TOL = {

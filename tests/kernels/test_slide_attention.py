@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.slide_attention_ref as ref
-from kernels.ops import slide_attention as slide_attention_op
-from kernels.slide_attention import slide_attention, visited_block_fraction
-from kernels.slide_attention_ref import dense_attention_naive, slide_attention_ref, token_groups
+import medai.kernels.slide_attention_ref as ref
+from medai.kernels.ops import slide_attention as slide_attention_op
+from medai.kernels.slide_attention import slide_attention, visited_block_fraction
+from medai.kernels.slide_attention_ref import dense_attention_naive, slide_attention_ref, token_groups
 
 TOL = {
     torch.float32: dict(rtol=1e-4, atol=1e-4),

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from medai.cli import app
-from models import create_model, save_weights
+from medai.models import create_model, save_weights
 
 runner = CliRunner()
 

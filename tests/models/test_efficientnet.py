@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import create_model
-from models.efficientnet import IMAGENET_LITE_MEAN, IMAGENET_LITE_STD
+from medai.models import create_model
+from medai.models.efficientnet import IMAGENET_LITE_MEAN, IMAGENET_LITE_STD
 
 skimage_data = pytest.importorskip("skimage.data")
 

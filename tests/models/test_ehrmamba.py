@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medai.transforms.ehr import pad_batch
-from models import create_model, load_weights, save_weights
+from medai.models import create_model, load_weights, save_weights
 
 TINY = {"d_model": 32, "n_layers": 1, "time_embeddings_size": 8, "vocab_size": 200, "num_labels": 3, "dropout": 0.0}
 NAMES = ["ehrmamba_small", "ehr_transformer_small"]

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from medai.errors import CheckpointError, ConfigError, ModelInputError
-from models import create_model, save_weights
-from models.kan import FasterKAN
-from models.medvit import (
+from medai.models import create_model, save_weights
+from medai.models.kan import FasterKAN
+from medai.models.medvit import (
     NeighborhoodAttention2d,
     convert_reference_state_dict,
     count_parameters,
@@ -236,7 +236,7 @@ def test_unmapped_public_names_are_refused_and_listed():
 
 
 def test_public_pth_file_converts_to_safetensors_that_load(tmp_path):
-    from pipelines.convert_medvit import convert_medvit_checkpoint
+    from medai.pipelines.convert_medvit import convert_medvit_checkpoint
 
     torch.manual_seed(0)
     source_model = create_model("medvit_tiny", reference_code_compat=True, num_classes=2).eval()
@@ -249,7 +249,7 @@ def test_public_pth_file_converts_to_safetensors_that_load(tmp_path):
 
 
 def test_pickles_with_code_are_refused(tmp_path):
-    from pipelines.convert_medvit import read_reference_checkpoint
+    from medai.pipelines.convert_medvit import read_reference_checkpoint
 
     torch.save({"model": {"w": torch.zeros(1)}, "opt": object()}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="not a tensors-only"):
@@ -260,7 +260,7 @@ def test_shipped_breastmnist_checkpoint_scores_the_test_split(breastmnist_path):
     """The shipped fp16 checkpoint reproduces the card's test metrics on the 156 official test images."""
     import numpy as np
 
-    from pipelines.metrics import classification_metrics
+    from medai.pipelines.metrics import classification_metrics
 
     model = create_model("medvit_tiny", pretrained="breastmnist", num_classes=2, in_chans=1).eval()
     data = np.load(breastmnist_path)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-import models
-from models.mil import (
+from medai.models import registry as models
+from medai.models.mil import (
     AttentionMIL,
     AttentionMILConfig,
     aem_weight,
@@ -235,8 +235,7 @@ _PEAK_RSS_CHILD = textwrap.dedent(
     """
     import json, sys
     import torch
-    import models
-
+    from medai.models import registry as models
     def peak_mib():
         # VmHWM is the peak that clear_refs resets; getrusage's ru_maxrss also keeps peaks recorded
         # when threads exit (signal->maxrss), which no reset clears, so it can hide the forward's peak.

@@ -4,8 +4,8 @@ import torch
 from safetensors.torch import save_file
 
 from medai.errors import CheckpointError
-from models import create_model, list_models, save_weights
-from models.registry import model_entry
+from medai.models import create_model, list_models, save_weights
+from medai.models.registry import model_entry
 
 
 def test_list_models_matches_pattern():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import create_model, list_models, save_weights
-from models.umamba import MambaLayer, UMambaConfig
+from medai.models import create_model, list_models, save_weights
+from medai.models.umamba import MambaLayer, UMambaConfig
 
 TINY = dict(features=(4, 8, 8))  # 2 downsamplings: inputs divisible by 4
 SEG_MODELS = ["umamba_bot_2d", "umamba_enc_2d", "umamba_bot_3d", "umamba_enc_3d", "dynunet_2d", "dynunet_3d"]
@@ -99,7 +99,7 @@ def test_bad_options_are_named():
 
 
 def test_shipped_hippocampus_checkpoint_segments_validation_volumes(msd_hippocampus_path):
-    from pipelines.segmentation import case_records, evaluate_segmentation, read_split
+    from medai.pipelines.segmentation import case_records, evaluate_segmentation, read_split
 
     model = create_model("umamba_bot_3d", pretrained="msd_hippocampus", features=(16, 32, 64, 128))
     val = read_split("configs/splits/msd_task04_hippocampus.json")["val"]

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from medai.io.vqa_rad import load_vqa_rad
-from models.vlm import (
+from medai.models.vlm import (
     HFImageTextToText,
     MissingImageError,
     NonMedicalImageError,
@@ -217,7 +217,7 @@ def test_byo_refuses_quantisation_without_cuda(tiny_hf_vlm_paths):
 @pytest.mark.slow  # loads the 135M LM (about 10 s idle, far more on a busy 2-core box)
 def test_real_smollm2_head_answers_a_real_question(smollm2_path, vqa_items):
     """The default head (ImageNet Lite0 + SmolLM2-135M-Instruct, untrained projector) answers, bounded."""
-    from models import create_model
+    from medai.models import create_model
 
     items, images = vqa_items
     model = create_model("vlm_lite0_smollm2", max_new_tokens=8).eval()
@@ -229,7 +229,7 @@ def test_real_smollm2_head_answers_a_real_question(smollm2_path, vqa_items):
 @pytest.mark.slow  # real 135M LM, two generations
 def test_no_cache_reference_matches_cached_generation(smollm2_path, vqa_items):
     """The no-KV-cache loop (benchmark baseline) produces exactly the cached greedy answers, left-padded batch."""
-    from models import create_model
+    from medai.models import create_model
 
     items, images = vqa_items
     model = create_model("vlm_lite0_smollm2").eval()

@@ -159,7 +159,7 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def tiny_vlm(tiny_lm_path: Path):
     """medai's VLM head on a random EfficientNet-Lite0 and the tiny LM (64 px images, 4 image tokens)."""
-    from models.vlm import VLMConfig, VisionLanguageModel
+    from medai.models.vlm import VLMConfig, VisionLanguageModel
 
     cfg = VLMConfig(backbone_pretrained=None, image_size=64, num_image_tokens=4, language_model=str(tiny_lm_path),
                     max_new_tokens=6, max_prompt_tokens=128)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medai.transforms.ehr import CLS, TASK_TOKENS, EHRTokenizer
-from pipelines.ehr import (
+from medai.pipelines.ehr import (
     EHRDataOptions,
     PreparedEHR,
     classifier_layout,
@@ -81,7 +81,7 @@ def test_pretraining_windows_cover_train_patients_only(prepared: PreparedEHR):
 
 
 def test_integrated_gradients_are_complete_and_map_to_events(prepared: PreparedEHR):
-    from models import create_model
+    from medai.models import create_model
 
     torch.manual_seed(0)
     model = create_model("ehr_transformer_small", vocab_size=len(prepared.tokenizer), num_labels=prepared.num_labels,
@@ -107,7 +107,7 @@ def test_integrated_gradients_are_complete_and_map_to_events(prepared: PreparedE
 
 @pytest.mark.slow
 def test_experiment_runs_end_to_end(mimic_iv_demo_path: Path, tmp_path: Path):
-    from pipelines.ehr import EHRExperimentConfig, NeuralModelSpec, StageSpec, run_ehr_experiment
+    from medai.pipelines.ehr import EHRExperimentConfig, NeuralModelSpec, StageSpec, run_ehr_experiment
 
     cfg = EHRExperimentConfig(
         data_path=mimic_iv_demo_path, options={"tasks": TASKS, "max_length": 32},

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import yaml
 
-from pipelines.evaluate import compare_runs, evaluate_run
-from pipelines.finetune import finetune, load_train_config
-from pipelines.metrics import bootstrap_ci, classification_metrics, paired_bootstrap
+from medai.pipelines.evaluate import compare_runs, evaluate_run
+from medai.pipelines.finetune import finetune, load_train_config
+from medai.pipelines.metrics import bootstrap_ci, classification_metrics, paired_bootstrap
 
 
 @pytest.fixture(scope="module")

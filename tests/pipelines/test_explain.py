@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from medai.errors import ModelInputError
-from models import create_model
-from pipelines.explain import default_cam_layer, grad_cam, save_cam_overlay
+from medai.models import create_model
+from medai.pipelines.explain import default_cam_layer, grad_cam, save_cam_overlay
 
 
 class BrightnessClassifier(nn.Module):
@@ -65,8 +65,8 @@ def test_explain_run_writes_one_png_per_item(breastmnist_path, tmp_path):
     """A run folder as `medai finetune` leaves it (config + best weights) -> Grad-CAM PNGs."""
     import shutil
 
-    from models import save_weights
-    from pipelines.explain import explain_run
+    from medai.models import save_weights
+    from medai.pipelines.explain import explain_run
 
     run = tmp_path / "run"
     (run / "checkpoints" / "best").mkdir(parents=True)

@@ -11,7 +11,7 @@ import torch
 
 from medai.io.patch_h5 import read_patch_features
 from medai.io.wsi import open_slide
-from pipelines.extract_features import (
+from medai.pipelines.extract_features import (
     EncoderConfig,
     ExtractConfig,
     SlideEntry,
@@ -20,7 +20,7 @@ from pipelines.extract_features import (
     read_slide_list,
     run_extraction,
 )
-from pipelines.slides import PatchConfig
+from medai.pipelines.slides import PatchConfig
 from tests.io.synthetic_slides import corrupt_tiles, crop_of_real_slide, write_tiled_tiff
 
 # Small patches at 2 µm/px keep the default encoder (ImageNet EfficientNet-Lite0) fast on 2 cores.
@@ -126,7 +126,7 @@ def test_slide_list_from_folder_and_csv(tmp_path, shared_data):
 _HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from pipelines.extract_features import SlideLock
+from medai.pipelines.extract_features import SlideLock
 lock = SlideLock(Path(sys.argv[1]))
 print(lock.acquire(), flush=True)
 time.sleep(60)
@@ -217,7 +217,7 @@ def test_local_timm_encoder_checkpoint_plugs_in(tmp_path, wsi_cmu1_small_region_
     import timm
 
     from medai.errors import CheckpointError
-    from models.registry import save_weights
+    from medai.models.registry import save_weights
 
     # a user's own encoder: any timm architecture with weights in a local safetensors file
     own = timm.create_model("test_efficientnet", num_classes=0).eval()
@@ -253,7 +253,7 @@ def test_extracted_features_are_the_bags_the_mil_task_reads(
     import h5py
 
     from medai.io.patch_h5 import read_coords_h5
-    from pipelines.tasks.mil import MILOptions, read_bags
+    from medai.pipelines.tasks.mil import MILOptions, read_bags
 
     out = tmp_path / "run"
     entries = [

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from medai.config import ConfigError
-from pipelines.finetune import EpochSampler, finetune, load_train_config
+from medai.pipelines.finetune import EpochSampler, finetune, load_train_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -70,7 +70,7 @@ def test_run_writes_traceable_outputs(tmp_path, breastmnist_path):
 
 
 def test_resume_refuses_a_changed_config_but_not_a_field_added_since(tmp_path, breastmnist_path):
-    from pipelines.finetune import TrainingError
+    from medai.pipelines.finetune import TrainingError
 
     path = write_config(tmp_path, breastmnist_path, epochs=1, limit_train_batches=1, evaluate_test=False)
     first = finetune(load_train_config(path))
@@ -218,7 +218,7 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch():
 
 
 def test_seeds_report_mean_and_sd(tmp_path, breastmnist_path):
-    from pipelines.finetune import finetune_seeds
+    from medai.pipelines.finetune import finetune_seeds
 
     cfg = load_train_config(write_config(tmp_path, breastmnist_path, epochs=1, limit_train_batches=1, n_boot=20))
     summary = finetune_seeds(cfg, 2)

@@ -2,7 +2,7 @@
 
 import yaml
 
-from pipelines.finetune import Trainer, load_train_config
+from medai.pipelines.finetune import Trainer, load_train_config
 
 
 def test_lora_from_config_trains_only_adapters(tmp_path, breastmnist_path):
@@ -27,8 +27,8 @@ def test_unfreeze_trains_a_module_in_place_and_lr_scale_groups_it():
     import torch
 
     from medai.config import ConfigError
-    from models import create_model
-    from pipelines.finetune import LoraConfig, OptimConfig, apply_lora, build_optimizer
+    from medai.models import create_model
+    from medai.pipelines.finetune import LoraConfig, OptimConfig, apply_lora, build_optimizer
 
     model = apply_lora(create_model("resnet10t", num_classes=2), LoraConfig(
         enabled=True, r=4, alpha=8, target_modules=["layer1.0.conv1"], modules_to_save=["fc"], unfreeze=["layer4"]))

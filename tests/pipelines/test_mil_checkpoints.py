@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models
+from medai.models import registry as models
 from medai.errors import CheckpointError
 from medai.io.torch_pickle import UnsafePickleError, read_torch_checkpoint
-from pipelines.mil_checkpoints import ACMIL_RECORD_CLASSES, convert_acmil_checkpoint, read_acmil_checkpoint
+from medai.pipelines.mil_checkpoints import ACMIL_RECORD_CLASSES, convert_acmil_checkpoint, read_acmil_checkpoint
 
 TAGS = {"512d": (512, 1), "384d": (384, 5)}
 

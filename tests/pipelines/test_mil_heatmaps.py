@@ -8,13 +8,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import models
+from medai.models import registry as models
 from medai.cli import app
 from medai.errors import ConfigError
 from medai.io.patch_h5 import read_coords_h5
 from medai.io.wsi import open_slide
 from medai.results.heatmap import load_scores
-from pipelines.mil_heatmaps import parse_branch_spec
+from medai.pipelines.mil_heatmaps import parse_branch_spec
 
 # ACMIL with 3 branches on EfficientNet-Lite0 features (1280-d); small widths keep it fast.
 ACMIL = {"in_features": 1280, "hidden_features": 32, "attention_features": 16, "num_branches": 3}
@@ -23,14 +23,14 @@ ACMIL = {"in_features": 1280, "hidden_features": 32, "attention_features": 16, "
 @pytest.fixture(scope="module")
 def cmu_features(tmp_path_factory, wsi_cmu1_small_region_path):
     """Features HDF5 of CMU-1-Small-Region from the WSI pipeline (32 px patches at 2 µm/px)."""
-    from pipelines.extract_features import (
+    from medai.pipelines.extract_features import (
         EncoderConfig,
         ExtractConfig,
         SlideEntry,
         build_encoder,
         run_extraction,
     )
-    from pipelines.slides import PatchConfig
+    from medai.pipelines.slides import PatchConfig
 
     out = tmp_path_factory.mktemp("extract")
     cfg = ExtractConfig(

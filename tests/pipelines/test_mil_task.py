@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import models
-from pipelines.mil_heatmaps import attention_grid, attention_maps, save_attention_maps
-from pipelines.tasks.mil import MILOptions, collate_bags, read_bags, stratified_cv_split
+from medai.models import registry as models
+from medai.pipelines.mil_heatmaps import attention_grid, attention_maps, save_attention_maps
+from medai.pipelines.tasks.mil import MILOptions, collate_bags, read_bags, stratified_cv_split
 
 
 def test_cv_splits_are_disjoint_stratified_and_cover_every_bag(mil_classic_path):
@@ -32,7 +32,7 @@ def test_batches_keep_bags_unpadded():
 
 
 def test_engine_trains_and_evaluates_a_mil_fold(mil_classic_path, tmp_path):
-    from pipelines.finetune import DataConfig, ModelConfig, TrainConfig, TrainerConfig, finetune
+    from medai.pipelines.finetune import DataConfig, ModelConfig, TrainConfig, TrainerConfig, finetune
 
     cfg = TrainConfig(
         task="mil",
@@ -83,7 +83,7 @@ def test_attention_maps_of_a_large_bag_are_chunked():
 
 @pytest.mark.slow
 def test_benchmark_runner_writes_a_table(mil_classic_path, tmp_path):
-    from pipelines.mil_benchmark import BenchmarkSettings, run_mil_benchmark
+    from medai.pipelines.mil_benchmark import BenchmarkSettings, run_mil_benchmark
 
     settings = BenchmarkSettings(models=("abmil",), folds=3, seeds=(0,), epochs=1, n_boot=50)
     results = run_mil_benchmark(mil_classic_path / "musk1" / "musk1.mat", settings, tmp_path)
@@ -92,8 +92,8 @@ def test_benchmark_runner_writes_a_table(mil_classic_path, tmp_path):
 
 
 def test_fast_binary_metrics_equal_scikit_learn():
-    from pipelines.metrics import classification_metrics
-    from pipelines.mil_benchmark import HEADLINE, headline_metrics
+    from medai.pipelines.metrics import classification_metrics
+    from medai.pipelines.mil_benchmark import HEADLINE, headline_metrics
 
     rng = np.random.default_rng(0)
     for n in (5, 30, 200):
@@ -109,8 +109,8 @@ def test_fast_binary_metrics_equal_scikit_learn():
 
 def test_medmnist_bags_keep_official_splits_apart(breastmnist_path, tmp_path):
     from medai.io.medmnist import load_medmnist
-    from pipelines.mil_benchmark import BenchmarkSettings, run_mil_benchmark
-    from pipelines.tasks.mil import bag_splits
+    from medai.pipelines.mil_benchmark import BenchmarkSettings, run_mil_benchmark
+    from medai.pipelines.tasks.mil import bag_splits
 
     options = {"format": "medmnist_bags", "n_bags": 120, "bag_size": 6, "positive_class": 0}
     bags = read_bags(breastmnist_path, MILOptions(**options))

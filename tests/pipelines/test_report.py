@@ -8,7 +8,7 @@ import pydicom
 import pytest
 
 from tests.models.tiny_vlms import tiny_lm_path, tiny_vlm  # noqa: F401
-from pipelines.report import (
+from medai.pipelines.report import (
     FindingsError,
     StudyFindings,
     check_report,

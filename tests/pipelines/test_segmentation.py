@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import create_model
-from pipelines.segmentation import (
+from medai.models import create_model
+from medai.pipelines.segmentation import (
     case_records,
     evaluate_segmentation,
     label_metrics,
@@ -88,7 +88,7 @@ def test_evaluate_and_predict_on_real_volumes(msd_hippocampus_path, tmp_path):
 
 
 def _tiny_engine_config(msd_hippocampus_path, tmp_path, model="umamba_bot_3d", *extra):
-    from pipelines.finetune import load_train_config
+    from medai.pipelines.finetune import load_train_config
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     split = tmp_path / "split.json"
@@ -105,7 +105,7 @@ def _tiny_engine_config(msd_hippocampus_path, tmp_path, model="umamba_bot_3d", *
 def test_engine_skips_non_finite_losses_and_stops_past_the_limit(msd_hippocampus_path, tmp_path, monkeypatch):
     """U-Mamba users report NaN losses: the engine skips such a step, counts it, and stops past a limit."""
     from monai.losses import DiceCELoss
-    from pipelines.finetune import TrainingError, finetune
+    from medai.pipelines.finetune import TrainingError, finetune
 
     real_forward, training_calls = DiceCELoss.forward, []
 
@@ -130,7 +130,7 @@ def test_engine_skips_non_finite_losses_and_stops_past_the_limit(msd_hippocampus
 
 
 def test_engine_trains_the_segmentation_task(msd_hippocampus_path, tmp_path):
-    from pipelines.finetune import finetune
+    from medai.pipelines.finetune import finetune
 
     result = finetune(_tiny_engine_config(msd_hippocampus_path, tmp_path))
     record = result.history[-1]
@@ -145,8 +145,8 @@ def test_nifti_folder_trains_by_file_without_split_or_label_config(msd_hippocamp
     """An images/ + labels/ folder (mixed .nii and .nii.gz) needs no split file and no label names."""
     import nibabel as nib
 
-    from pipelines.finetune import finetune, load_train_config
-    from pipelines.segmentation import discover_labels, list_cases
+    from medai.pipelines.finetune import finetune, load_train_config
+    from medai.pipelines.segmentation import discover_labels, list_cases
 
     folder = tmp_path / "task"
     for sub in ("images", "labels"):
@@ -179,7 +179,7 @@ def test_nifti_folder_trains_by_file_without_split_or_label_config(msd_hippocamp
 def test_dicom_series_prediction_is_written_as_dicom_seg(dicom_dcmqi_path, tmp_path):
     from medai.io.dicom import load_series
     from medai.results.dicom_seg import read_segmentation
-    from pipelines.segmentation import predict_dicom_series
+    from medai.pipelines.segmentation import predict_dicom_series
 
     torch.manual_seed(0)
     series = dicom_dcmqi_path / "segmentations" / "ct-3slice"
@@ -204,9 +204,9 @@ class _MidGreyIsAnterior(torch.nn.Module):
 
 def test_batched_validation_scores_each_volume_in_its_own_extent(msd_hippocampus_path, tmp_path):
     """Volumes of different sizes batched together are padded; the padding must not be scored."""
-    from pipelines.evaluate import predict_split
-    from pipelines.tasks import get_task
-    from pipelines.tasks.segmentation import SegmentationOptions
+    from medai.pipelines.evaluate import predict_split
+    from medai.pipelines.tasks import get_task
+    from medai.pipelines.tasks.segmentation import SegmentationOptions
 
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": ["hippocampus_001"], "val": ["hippocampus_007", "hippocampus_008"]}))

@@ -3,7 +3,7 @@ import pytest
 
 from medai.io.patch_h5 import read_coords_h5, write_coords_h5
 from medai.io.wsi import MppUnknownError, NoTissueError, WSIError, open_slide
-from pipelines.slides import (
+from medai.pipelines.slides import (
     PatchConfig,
     build_patch_grid,
     patch_slide,

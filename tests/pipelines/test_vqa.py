@@ -8,13 +8,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from pipelines.text_metrics import bleu, bootstrap_ci, closed_correct, paired_bootstrap_diff, rouge_l, token_scores
-from pipelines.vqa import VQAEvalConfig, evaluate_vqa_rad
+from medai.pipelines.text_metrics import bleu, bootstrap_ci, closed_correct, paired_bootstrap_diff, rouge_l, token_scores
+from medai.pipelines.vqa import VQAEvalConfig, evaluate_vqa_rad
 from tests.models.tiny_vlms import tiny_lm_path, tiny_vlm  # noqa: F401
 
 
 def test_yes_no_profile_separates_a_prior_from_reading():
-    from pipelines.vqa import yes_no_profile
+    from medai.pipelines.vqa import yes_no_profile
 
     items = [SimpleNamespace(is_closed=True, answer_norm=a) for a in ("yes", "yes", "no", "no", "left")]
     always_no = yes_no_profile(items, ["No", "no.", "No", "no", "left"])
@@ -75,7 +75,7 @@ def test_templated_evaluation_scores_each_condition(tiny_vlm, breastmnist_path):
     import itertools
 
     from medai.io.templated_vqa import breastmnist_questions
-    from pipelines.vqa import evaluate_templated
+    from medai.pipelines.vqa import evaluate_templated
 
     questions = list(itertools.islice(breastmnist_questions(breastmnist_path), 4))
     results = evaluate_templated(tiny_vlm, questions, ("image", "blank", "blind", "blind_trained"), max_new_tokens=2,
@@ -87,6 +87,6 @@ def test_templated_evaluation_scores_each_condition(tiny_vlm, breastmnist_path):
         assert set(m["per_template"]) == {"breastmnist_malignant"}
     majority = "yes" if [q.answer for q in questions].count("yes") > 2 else "no"
     assert results["conditions"]["majority"]["accuracy"] == 100 * np.mean([q.answer == majority for q in questions])
-    from pipelines.vqa import format_templated
+    from medai.pipelines.vqa import format_templated
 
     assert "| blind_trained |" in format_templated(results)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.finetune import finetune, load_train_config
-from pipelines.tasks.vqa import split_train_val
+from medai.pipelines.finetune import finetune, load_train_config
+from medai.pipelines.tasks.vqa import split_train_val
 from medai.io.vqa_rad import load_vqa_rad
 from tests.models.tiny_vlms import tiny_lm_path  # noqa: F401
 
@@ -37,7 +37,7 @@ def test_align_stage_trains_the_projector_through_the_engine(mini_vqa_rad, tiny_
     from safetensors.torch import load_file
 
     from medai.utils import seed_everything
-    from models import create_model
+    from medai.models import create_model
 
     out = tmp_path / "runs"
     align = finetune(load_train_config("configs/vqa_rad_align.yaml", _overrides(mini_vqa_rad, tiny_lm_path, out)), "never")
@@ -73,8 +73,8 @@ def test_validation_holds_out_whole_images(vqa_rad_path):
 
 
 def test_augmentation_is_train_only_seeded_and_bounded(mini_vqa_rad):
-    from pipelines.tasks import get_task
-    from pipelines.finetune import DataConfig
+    from medai.pipelines.tasks import get_task
+    from medai.pipelines.finetune import DataConfig
 
     task = get_task("vqa", {"stage": "instruct", "image_size": 64, "val_fraction": 0.2, "augment": True})
     data = task.setup(DataConfig(path=mini_vqa_rad), seed=0)
@@ -94,7 +94,7 @@ def test_unfrozen_variant_fine_tunes_the_encoder_but_not_its_statistics(mini_vqa
     from safetensors.torch import load_file
 
     from medai.utils import seed_everything
-    from models import create_model
+    from medai.models import create_model
 
     overrides = _overrides(mini_vqa_rad, tiny_lm_path, tmp_path / "runs") + [
         "model.pretrained=null", "trainer.evaluate_test=false"]

@@ -6,7 +6,7 @@ import pytest
 
 from medai.io.wsi import open_slide
 from medai.results.heatmap import normalize_scores, render_heatmap
-from pipelines.slides import build_patch_grid, segment_slide
+from medai.pipelines.slides import build_patch_grid, segment_slide
 
 
 def test_normalize_scores():

@@ -1,1 +1,0 @@
-"""Triton kernels, their PyTorch references, and the dispatch between them (see kernels.ops)."""

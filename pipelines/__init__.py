@@ -1,1 +1,0 @@
-"""Jobs: batch inference, feature extraction, fine-tuning, evaluation."""
