@@ -59,7 +59,7 @@ def time_method(fn, folders: list[Path], repeats: int) -> tuple[float, list[np.n
 
 def main() -> None:
     """Run the comparison and print slices/s and ratios."""
-    from medai.data import dataset_path
+    from medai.io.data import dataset_path
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)

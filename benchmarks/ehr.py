@@ -28,7 +28,7 @@ import torch
 sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
     p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from medai.data import dataset_path  # noqa: E402
+from medai.io.data import dataset_path  # noqa: E402
 from medai.io.ehr import ingest_fhir, ingest_mimic  # noqa: E402
 from medai.transforms.ehr import EHRTokenizer, pad_batch  # noqa: E402
 from medai.models import create_model  # noqa: E402

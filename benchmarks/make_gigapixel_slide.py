@@ -90,7 +90,7 @@ def write_slide(
     import cv2
     import tifffile
 
-    from medai.data import dataset_path
+    from medai.io.data import dataset_path
 
     rng = np.random.default_rng(seed)
     tissue_tiles, glass_tiles = tile_pool(dataset_path("wsi_cmu1_small_region"), rng)

@@ -27,7 +27,7 @@ import yaml
 sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
     p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from medai.data import dataset_path
+from medai.io.data import dataset_path
 from medai.pipelines.mil_benchmark import BenchmarkSettings, results_markdown, run_mil_benchmark
 
 MODELS = ("abmil", "acmil", "acmil_aem", "transmil")

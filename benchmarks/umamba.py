@@ -22,7 +22,7 @@ import torch
 sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
     p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from medai.data import dataset_path
+from medai.io.data import dataset_path
 from medai.models import create_model
 from medai.pipelines.segmentation import case_records, read_split, sliding_window_logits
 from medai.transforms.volume import segmentation_transforms

@@ -39,7 +39,7 @@ def main() -> None:
 
     from PIL import Image
 
-    from medai.data import dataset_path
+    from medai.io.data import dataset_path
     from medai.io.vqa_rad import load_vqa_rad
     from medai.models import create_model
 

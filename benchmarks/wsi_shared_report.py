@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
     p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from medai.data import data_root  # noqa: E402
+from medai.io.data import data_root  # noqa: E402
 from medai.io.wsi import WSIError, open_slide  # noqa: E402
 from medai.transforms.tissue import TissueConfig, tissue_overlay, write_png  # noqa: E402
 from medai.pipelines.slides import PatchConfig, build_patch_grid, segment_slide  # noqa: E402

@@ -56,8 +56,8 @@ class EHRDataOptions:
 
 
 def resolve_source(source: str | Path) -> Path:
-    """A dataset name of medai.data.DATASETS or a path -> an existing path."""
-    from medai.data import DATASETS, dataset_path
+    """A dataset name of medai.io.data.DATASETS or a path -> an existing path."""
+    from medai.io.data import DATASETS, dataset_path
 
     if isinstance(source, str) and source in DATASETS:
         return dataset_path(source)
@@ -384,7 +384,7 @@ class EHRExperimentConfig:
 def load_experiment_config(path: str | Path, overrides: Sequence[str] = ()) -> EHRExperimentConfig:
     """Load an EHR experiment YAML strictly; `${MEDAI_DATA}` stands for the shared data root."""
     from medai.config import from_dict, load_config
-    from medai.data import data_root
+    from medai.io.data import data_root
 
     cfg = load_config(EHRExperimentConfig, path, overrides)
     cfg.data_path = Path(str(cfg.data_path).replace("${MEDAI_DATA}", str(data_root())))

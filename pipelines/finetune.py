@@ -170,9 +170,9 @@ class TrainingError(MedaiError, RuntimeError):
 def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Load and validate a training config; the task's `data.options` are checked too.
 
-    `${MEDAI_DATA}` in `data.path` stands for the shared data root (medai.data.data_root()).
+    `${MEDAI_DATA}` in `data.path` stands for the shared data root (medai.io.data.data_root()).
     """
-    from medai.data import data_root
+    from medai.io.data import data_root
 
     cfg = load_config(TrainConfig, path, overrides)
     if "${MEDAI_DATA}" in str(cfg.data.path):

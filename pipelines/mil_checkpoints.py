@@ -64,7 +64,7 @@ def convert_acmil_checkpoint(src: str | Path, dest: str | Path) -> Path:
 
 def resolve_acmil_bracs(tag: str) -> Path:
     """Return the converted BRACS checkpoint '512d' or '384d' from the shared data, converting it once into the cache."""
-    from medai.data import dataset_path
+    from medai.io.data import dataset_path
     from medai.utils import cache_dir
 
     if tag not in ("512d", "384d"):

@@ -9,7 +9,7 @@ from typing import NoReturn
 
 import pytest
 
-from medai.data import DATASETS, data_root
+from medai.io.data import DATASETS, data_root
 
 # Tests run on 2 cores; more threads only thrash.
 os.environ.setdefault("OMP_NUM_THREADS", "2")

@@ -2,7 +2,7 @@
 
 import re
 
-from medai.data import DATASETS
+from medai.io.data import DATASETS
 from medai.utils import repo_root
 from medai.weights import PACKAGED
 

@@ -8,11 +8,11 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-seg_app = typer.Typer(help="3D segmentation (U-Mamba, DynUNet) on NIfTI volumes.", no_args_is_help=True)
+app = typer.Typer(help="3D segmentation (U-Mamba, DynUNet) on NIfTI volumes.", no_args_is_help=True)
 console = Console()
 
 
-@seg_app.command("split")
+@app.command("split")
 def split(
     dataset_dir: Path = typer.Argument(..., help="MSD-style folder with images/ and labels/."),
     out: Path = typer.Option(..., help="Split JSON file to write."),
@@ -27,7 +27,7 @@ def split(
     console.print(f"{out}: {len(data['train'])} train, {len(data['val'])} validation cases")
 
 
-@seg_app.command("predict")
+@app.command("predict")
 def predict(
     image: Path = typer.Argument(..., help="NIfTI volume to segment."),
     model: str = typer.Option(..., help="Registered model name, e.g. umamba_bot_3d."),

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-slides_app = typer.Typer(
+app = typer.Typer(
     help="Whole-slide images: info, tissue, patch, extract, heatmap.", no_args_is_help=True
 )
 console = Console()
@@ -27,7 +27,7 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(1)
 
 
-@slides_app.command("info")
+@app.command("info")
 def slides_info(
     slide: Path = typer.Argument(..., help="Slide file or DICOM folder."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -64,7 +64,7 @@ def slides_info(
         console.print(f"[yellow]note[/] {note}")
 
 
-@slides_app.command("tissue")
+@app.command("tissue")
 def slides_tissue(
     slide: Path = typer.Argument(..., help="Slide file or DICOM folder."),
     out_dir: Path = typer.Argument(
@@ -91,7 +91,7 @@ def slides_tissue(
         console.print(f"  {kind}: {path}")
 
 
-@slides_app.command("patch")
+@app.command("patch")
 def slides_patch(
     slide: Path = typer.Argument(..., help="Slide file or DICOM folder."),
     out_dir: Path = typer.Argument(
@@ -120,7 +120,7 @@ def slides_patch(
     )
 
 
-@slides_app.command("extract")
+@app.command("extract")
 def slides_extract(
     slides: list[Path] = typer.Argument(
         None, help="Slide files, folders of slides, or DICOM folders."
@@ -194,7 +194,7 @@ def slides_extract(
         raise typer.Exit(2)
 
 
-@slides_app.command("heatmap")
+@app.command("heatmap")
 def slides_heatmap(
     slide: Path = typer.Argument(..., help="Slide file or DICOM folder."),
     features_h5: Path = typer.Argument(

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from medai.data import DATASETS, dataset_path, verify_checksums
+from medai.io.data import DATASETS, dataset_path, verify_checksums
 from medai.errors import DatasetNotFoundError
 
 

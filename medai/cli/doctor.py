@@ -1,4 +1,4 @@
-"""Preflight report: versions, devices, kernel backends, optional peers, data and binaries."""
+"""`medai doctor`: the preflight report (versions, devices, kernel backends, optional peers, data, binaries)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 from medai.utils import is_installed
+
+console = Console()
 
 OPTIONAL_PEERS = {
     "triton": "Triton kernels (CUDA, or CPU interpreter)",
@@ -68,7 +73,7 @@ def run_doctor() -> DoctorReport:
     import torch
 
     from medai.kernels.dispatch import backend_report, kernel_mode, triton_interpreting
-    from medai.data import data_root
+    from medai.io.data import data_root
     from medai.weights import PACKAGED
 
     r = DoctorReport()
@@ -102,3 +107,16 @@ def run_doctor() -> DoctorReport:
     plugin = orthanc_dicomweb_plugin()
     r.add("binaries", "orthanc-dicomweb", plugin is not None, str(plugin) if plugin else "DICOMweb plugin not found")
     return r
+
+
+def doctor() -> None:
+    """Print a preflight report: versions, devices, kernel backends, peers, data, binaries."""
+    report = run_doctor()
+    table = Table(title="medai doctor", show_lines=False)
+    for col in ("section", "check", "", "detail"):
+        table.add_column(col)
+    for c in report.checks:
+        table.add_row(c.section, c.name, "[green]ok[/]" if c.ok else "[yellow]--[/]", c.detail)
+    console.print(table)
+    if report.missing:
+        console.print(f"{len(report.missing)} item(s) missing: " + ", ".join(c.name for c in report.missing))

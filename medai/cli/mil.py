@@ -8,11 +8,11 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-mil_app = typer.Typer(help="Slide-level multiple-instance learning.", no_args_is_help=True)
+app = typer.Typer(help="Slide-level multiple-instance learning.", no_args_is_help=True)
 console = Console()
 
 
-@mil_app.command("benchmark")
+@app.command("benchmark")
 def mil_benchmark(
     path: Path = typer.Argument(..., help="Bags: a MIL-toolbox .mat, a bag CSV (bag_id,label,features...), or a SICAPv2 folder."),
     models: str = typer.Option("abmil,acmil,acmil_aem,transmil", help="Comma-separated registered MIL models."),
@@ -34,7 +34,7 @@ def mil_benchmark(
     console.print((out / "results.md").read_text(), markup=False, highlight=False, soft_wrap=True)
 
 
-@mil_app.command("convert-acmil")
+@app.command("convert-acmil")
 def mil_convert_acmil(
     src: Path = typer.Argument(..., help="The ACMIL authors' checkpoint-best.pth."),
     dest: Path = typer.Argument(..., help="Output .safetensors file."),
@@ -45,7 +45,7 @@ def mil_convert_acmil(
     console.print(f"wrote {convert_acmil_checkpoint(src, dest)}")
 
 
-@mil_app.command("attention")
+@app.command("attention")
 def mil_attention(
     model: str = typer.Argument(..., help="Registered MIL model name."),
     weights: Path = typer.Argument(..., help="Its safetensors weights (e.g. a run's checkpoints/best/model.safetensors)."),

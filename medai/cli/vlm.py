@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
-vlm_app = typer.Typer(help="Vision-language head: ask, evaluate on VQA-RAD, draft grounded reports.",
+app = typer.Typer(help="Vision-language head: ask, evaluate on VQA-RAD, draft grounded reports.",
                       no_args_is_help=True)
 console = Console()
 CHECKPOINT_HELP = "Which checkpoint of --run and --blind-run: best (by the run's monitor) or last."
@@ -44,7 +44,7 @@ def _with_blind(model: str, run: Optional[Path], blind_run: Optional[Path], cond
     return _load(model, run, checkpoint), blind, conditions
 
 
-@vlm_app.command("ask")
+@app.command("ask")
 def ask(
     image: Path = typer.Argument(..., help="Image file (PNG/JPEG; a DICOM frame exported as an image)."),
     question: str = typer.Argument(..., help="Question in English."),
@@ -63,7 +63,7 @@ def ask(
     console.print()
 
 
-@vlm_app.command("eval")
+@app.command("eval")
 def evaluate(
     out: Path = typer.Option(Path("runs/vqa_rad_eval"), help="Output folder (resumes predictions found there)."),
     model: str = typer.Option("vlm_lite0_smollm2", help="Registered VLM name."),
@@ -77,7 +77,7 @@ def evaluate(
     checkpoint: str = typer.Option("best", help=CHECKPOINT_HELP),
 ) -> None:
     """VQA-RAD test: closed accuracy, open exact/recall/F1 with 95% CIs, visual reliance and VCD effect."""
-    from medai.data import dataset_path
+    from medai.io.data import dataset_path
     from medai.pipelines.vqa import VQAEvalConfig, evaluate_vqa_rad, format_summary
 
     vlm, blind, conditions = _with_blind(model, run, blind_run, condition, checkpoint)
@@ -89,7 +89,7 @@ def evaluate(
     console.print(f"written: {out / 'summary.json'}, {out / 'summary.md'}")
 
 
-@vlm_app.command("templated")
+@app.command("templated")
 def templated(
     out: Path = typer.Option(Path("runs/vqa_templated_eval"), help="Output folder for summary.json / summary.md."),
     model: str = typer.Option("vlm_lite0_smollm2", help="Registered VLM name."),
@@ -103,7 +103,7 @@ def templated(
     """Templated questions with exact answers from the shared labelled data: accuracy with 95% CIs."""
     import json
 
-    from medai.data import data_root
+    from medai.io.data import data_root
     from medai.io.templated_vqa import templated_question_set
     from medai.pipelines.vqa import evaluate_templated, format_templated
 
@@ -116,7 +116,7 @@ def templated(
     console.print(format_templated(results))
 
 
-@vlm_app.command("report")
+@app.command("report")
 def report(
     findings: Path = typer.Argument(..., help="Findings JSON: {study, modality, findings: [...]} (see pipelines/report.py)."),
     out: Path = typer.Option(Path("runs/report"), help="Output folder for report.txt, report.json, report_sr.dcm."),
