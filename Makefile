@@ -13,7 +13,7 @@ TORCH_PINS := torch==2.9.1 torchvision==0.24.1
 endif
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test test-all bench doctor vqa-rad clean
+.PHONY: setup system-deps lint-imports demo test test-all bench doctor vqa-rad clean
 
 $(VENV)/.torch:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,7 +38,11 @@ doctor: setup
 demo: setup
 	$(VENV)/bin/medai demo
 
-test: setup system-deps
+# Layers point one way: import-linter's contracts in pyproject.toml, on the wheel's layout.
+lint-imports: setup
+	$(PY) scripts/lint_imports.py
+
+test: setup system-deps lint-imports
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test-all: setup system-deps
