@@ -30,6 +30,7 @@ import logging
 import re
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -449,24 +450,38 @@ def iter_fhir_file(path: str | Path) -> Iterator[_Located]:
     path = Path(path)
     name = path.name.lower()
     if name.endswith((".ndjson", ".ndjson.gz", ".jsonl", ".jsonl.gz")):
-        with _open_text(path) as handle:
-            for lineno, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    data = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield _Located(str(path), f"line {lineno}", None, f"malformed JSON: {exc}")
-                    continue
-                yield from _expand(str(path), f"line {lineno}", data)
+        yield from _iter_ndjson(path)
         return
     try:
         with _open_text(path) as handle:
             data = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError, zlib.error) as exc:
         yield _Located(str(path), "file", None, f"malformed JSON: {exc}")
         return
     yield from _expand(str(path), "file", data)
+
+
+def _iter_ndjson(path: Path) -> Iterator[_Located]:
+    """Yield each line's resources; a bad line (JSON, UTF-8) or a cut-off file is one refusal, not an abort."""
+    lineno = 0
+    try:
+        # bytes, decoded per line: one non-UTF-8 byte costs its line, not the rest of the file
+        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as handle:
+            for lineno, raw in enumerate(handle, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    data = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    yield _Located(str(path), f"line {lineno}", None, f"not UTF-8: {exc.reason} at byte {exc.start}")
+                    continue
+                except json.JSONDecodeError as exc:
+                    yield _Located(str(path), f"line {lineno}", None, f"malformed JSON: {exc}")
+                    continue
+                yield from _expand(str(path), f"line {lineno}", data)
+    except (EOFError, OSError, zlib.error) as exc:
+        # a truncated gzip or an unreadable file: what came before stays, the rest is named as lost
+        yield _Located(str(path), f"after line {lineno}", None, f"unreadable: {type(exc).__name__}: {exc}")
 
 
 def _expand(source: str, location: str, data: Any) -> Iterator[_Located]:
@@ -560,6 +575,10 @@ def _map_resource(res: dict, source: str, sink: _RowSink, stats: dict[str, int])
     rtype, rid = res["resourceType"], res.get("id")
     loc = stats.get("_location", "")
     if rtype == "Patient":
+        if not rid:
+            # without an id no other resource can reference it, and two such records can't be told apart
+            sink.add("refused", _refusal(source, loc, rtype, None, "no id: a Patient must carry an id"))
+            return
         identifier = next((i.get("value") for i in res.get("identifier") or [] if i.get("value")), None)
         profiles = " ".join((res.get("meta") or {}).get("profile") or [])
         sink.add("patients", {

@@ -209,6 +209,70 @@ def test_bad_events_missing_time_future_duplicate_unknown_code(tmp_path: Path):
                        "c-nocode": "unknown code", "c-orphan": "unknown patient", "c-prebirth": "before birth"}
 
 
+def _synthea_ndjson(synthea_r4_path: Path, out: Path) -> dict[str, list[str]]:
+    """Write two Synthea bundles as bulk-export NDJSON (one file per resource type); return the lines."""
+    out.mkdir()
+    per_type: dict[str, list[str]] = {}
+    for path in _synthea_files(synthea_r4_path, 2):
+        for entry in json.loads(gzip.open(path).read())["entry"]:
+            per_type.setdefault(entry["resource"]["resourceType"], []).append(json.dumps(entry["resource"]))
+    for rtype, lines in per_type.items():
+        (out / f"{rtype}.ndjson").write_text("\n".join(lines) + "\n")
+    return per_type
+
+
+def test_truncated_gzip_and_non_utf8_line_cost_only_themselves(synthea_r4_path: Path, tmp_path: Path):
+    """A cut-off .ndjson.gz and a line with a non-UTF-8 byte are refused by name; every other file loads."""
+    out = tmp_path / "export"
+    per_type = _synthea_ndjson(synthea_r4_path, out)
+    clean = ingest_fhir([out])
+    # a non-UTF-8 byte inside one Condition line: that line is refused, the file's other lines load
+    lines = (out / "Condition.ndjson").read_bytes().split(b"\n")
+    lines[1] = lines[1].replace(b'"resourceType"', b'"resourceType\xff"', 1)
+    (out / "Condition.ndjson").write_bytes(b"\n".join(lines))
+    # a gzip cut in the middle: the lines before the cut load, the loss is named
+    blob = gzip.compress(("\n".join(per_type["Observation"]) + "\n").encode())
+    (out / "Observation.ndjson").unlink()
+    (out / "Observation.ndjson.gz").write_bytes(blob[: len(blob) // 2])
+    tables = ingest_fhir([out])
+    reasons = tables.refused["reason"].to_list()
+    assert any(r.startswith("not UTF-8") for r in reasons), reasons
+    assert any(r.startswith("unreadable: EOFError") for r in reasons), reasons
+    assert tables.patients.height == clean.patients.height
+    assert 0 < tables.events.height < clean.events.height
+    conditions = clean.events.filter(pl.col("kind") == "condition").height
+    assert tables.events.filter(pl.col("kind") == "condition").height == conditions - 1
+
+
+def test_cli_ingest_survives_a_truncated_gzip(synthea_r4_path: Path, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from medai.cli import app
+
+    out = tmp_path / "export"
+    per_type = _synthea_ndjson(synthea_r4_path, out)
+    blob = gzip.compress(("\n".join(per_type["Observation"]) + "\n").encode())
+    (out / "Observation.ndjson").unlink()
+    (out / "Observation.ndjson.gz").write_bytes(blob[:200])
+    result = CliRunner().invoke(app, ["ehr", "ingest", str(out), "--out", str(tmp_path / "timeline")])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert (tmp_path / "timeline").is_dir() and any((tmp_path / "timeline").iterdir())
+
+
+def test_patient_without_id_is_refused_not_counted(tmp_path: Path):
+    entries = [
+        {"resourceType": "Patient", "id": "p1", "birthDate": "1980-01-01", "gender": "female",
+         "identifier": [{"value": "MRN-1"}]},
+        {"resourceType": "Patient", "birthDate": "1980-01-01", "gender": "female", "identifier": [{"value": "MRN-1"}]},
+    ]
+    path = tmp_path / "patients.ndjson"
+    path.write_text("\n".join(json.dumps(e) for e in entries))
+    tables = ingest_fhir([path])
+    assert tables.patients["patient_id"].to_list() == ["p1"]
+    assert tables.summary()["patients"] == 1
+    assert tables.refused["reason"].to_list() == ["no id: a Patient must carry an id"]
+
+
 # ---- MIMIC-IV tables and FHIR export ----------------------------------------------------------
 
 def test_mimic_tables_counts(mimic_tables: EHRTables, mimic_iv_demo_path: Path):
