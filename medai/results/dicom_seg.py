@@ -72,17 +72,37 @@ def _algorithm(hd, name: str, version: str):
     return hd.AlgorithmIdentificationSequence(name=name, family=codes.cid7162.ArtificialIntelligence, version=version)
 
 
+# Type 2 elements of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1): required to be
+# present, possibly empty. De-identified archives often drop them; highdicom copies them from the
+# source into every SEG/SR, so a missing one must become an empty one, as the standard allows.
+TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                       "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def read_writer_sources(paths: Sequence[str | Path], *, stop_before_pixels: bool = False) -> list:
+    """Read source instances for the SEG/SR writers, repaired where the standard allows (empty Type 2, charset)."""
+    datasets = [read_dataset(p, stop_before_pixels=stop_before_pixels) for p in paths]
+    for ds in datasets:
+        # An empty Specific Character Set means the default repertoire; highdicom wants it absent.
+        if "SpecificCharacterSet" in ds and not str(ds.SpecificCharacterSet).strip():
+            del ds.SpecificCharacterSet
+        for keyword in TYPE2_PATIENT_STUDY:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+    return datasets
+
+
 def _source_datasets(volume: DicomVolume):
     """The source datasets in the order highdicom needs, and the label-slice order that matches them."""
     paths = []
     for fr in volume.frames:
         if fr.path not in paths:
             paths.append(fr.path)
-    datasets = [read_dataset(p) for p in paths]
-    for ds in datasets:
-        # An empty Specific Character Set means the default repertoire; highdicom wants it absent.
-        if "SpecificCharacterSet" in ds and not str(ds.SpecificCharacterSet).strip():
-            del ds.SpecificCharacterSet
+    datasets = read_writer_sources(paths)
+    for path, ds in zip(paths, datasets):
+        if not str(ds.get("FrameOfReferenceUID", "")).strip():
+            # A SEG places its frames in the source's frame of reference; inventing one would not match it.
+            raise DicomSeriesError(path, "source has no Frame of Reference UID (0020,0052); a SEG could not be placed")
     if len(datasets) > 1 and all("ImageOrientationPatient" in ds for ds in datasets):
         # Scanners round IOP differently per slice (e.g. -0.0597709 vs -0.059771); load_series accepted
         # them within ORIENTATION_TOLERANCE, and highdicom needs them identical: use the first slice's.

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from medai.errors import DicomError
 from medai.io.dicom import DicomVolume, load_series, read_dataset
-from medai.results.dicom_seg import AI_DISCLAIMER, MANUFACTURER, _medai_version, snomed_code
+from medai.results.dicom_seg import AI_DISCLAIMER, MANUFACTURER, _medai_version, read_writer_sources, snomed_code
 from medai.utils import optional_import
 
 log = logging.getLogger(__name__)
@@ -116,10 +116,7 @@ def write_measurement_report(
 
     volume = source_series if isinstance(source_series, DicomVolume) else load_series(source_series)
     paths = list(dict.fromkeys(fr.path for fr in volume.frames))
-    sources = [read_dataset(p, stop_before_pixels=True) for p in paths]
-    for ds in sources:
-        if "SpecificCharacterSet" in ds and not str(ds.SpecificCharacterSet).strip():
-            del ds.SpecificCharacterSet
+    sources = read_writer_sources(paths, stop_before_pixels=True)
     seg_ds = read_dataset(segmentation) if segmentation is not None else None
     version = algorithm_version or _medai_version()
     algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm_name, version=version)
