@@ -16,21 +16,23 @@ _PASSWORD = typer.Option(None, "--password", envvar="MEDAI_PACS_PASSWORD", help=
 _TOKEN = typer.Option(None, "--token", envvar="MEDAI_PACS_TOKEN", help="Bearer token.")
 _INSECURE = typer.Option(False, "--insecure", help="Do not verify TLS certificates (testing only).")
 _CA = typer.Option(None, "--ca-bundle", help="CA bundle (PEM) for the site's TLS certificates.")
+_TIMEOUT = typer.Option(30.0, "--timeout", help="Seconds to wait for the server per request (one retry).")
 
 
-def _pacs_auth(user: Optional[str], password: Optional[str], token: Optional[str], insecure: bool, ca_bundle: Optional[Path]) -> dict:
-    return {"username": user, "password": password, "token": token,
+def _pacs_auth(user: Optional[str], password: Optional[str], token: Optional[str], insecure: bool,
+               ca_bundle: Optional[Path], timeout: float) -> dict:
+    return {"username": user, "password": password, "token": token, "timeout_s": timeout,
             "verify_tls": str(ca_bundle) if ca_bundle else not insecure}
 
 
 @app.command("ping")
 def pacs_ping(url: str = typer.Argument(..., help="http(s)://host:port/dicom-web or dicom://AE@host:port"),
               user: Optional[str] = _USER, password: Optional[str] = _PASSWORD, token: Optional[str] = _TOKEN,
-              insecure: bool = _INSECURE, ca_bundle: Optional[Path] = _CA) -> None:
+              insecure: bool = _INSECURE, ca_bundle: Optional[Path] = _CA, timeout: float = _TIMEOUT) -> None:
     """Check a PACS connection (QIDO query or C-ECHO) and say what is wrong: URL, TLS, auth, AE title."""
     from medai.io.pacs import ping
 
-    result = ping(url, **_pacs_auth(user, password, token, insecure, ca_bundle))
+    result = ping(url, **_pacs_auth(user, password, token, insecure, ca_bundle, timeout))
     console.print(f"{'[green]OK[/]' if result.ok else '[red]FAILED[/]'} {result.protocol} {result.url}: {result.detail}")
     if not result.ok:
         raise typer.Exit(1)
@@ -40,13 +42,13 @@ def pacs_ping(url: str = typer.Argument(..., help="http(s)://host:port/dicom-web
 def pacs_search(url: str = typer.Argument(..., help="DICOMweb root URL."),
                 study: Optional[str] = typer.Option(None, help="List the series of this Study Instance UID."),
                 user: Optional[str] = _USER, password: Optional[str] = _PASSWORD, token: Optional[str] = _TOKEN,
-                insecure: bool = _INSECURE, ca_bundle: Optional[Path] = _CA) -> None:
+                insecure: bool = _INSECURE, ca_bundle: Optional[Path] = _CA, timeout: float = _TIMEOUT) -> None:
     """QIDO-RS: list studies, or the series of one study."""
     import json
 
     from medai.io.pacs import DicomWebPacs
 
-    pacs = DicomWebPacs(url, **_pacs_auth(user, password, token, insecure, ca_bundle))
+    pacs = DicomWebPacs(url, **_pacs_auth(user, password, token, insecure, ca_bundle, timeout))
     rows = pacs.search_series(study) if study else pacs.search_studies()
     typer.echo(json.dumps(rows, indent=1, default=str))
 
@@ -55,11 +57,11 @@ def pacs_search(url: str = typer.Argument(..., help="DICOMweb root URL."),
 def pacs_pull(url: str = typer.Argument(..., help="DICOMweb root URL."), study: str = typer.Argument(...),
               series: str = typer.Argument(...), dest: Path = typer.Argument(..., help="Output folder."),
               user: Optional[str] = _USER, password: Optional[str] = _PASSWORD, token: Optional[str] = _TOKEN,
-              insecure: bool = _INSECURE, ca_bundle: Optional[Path] = _CA) -> None:
+              insecure: bool = _INSECURE, ca_bundle: Optional[Path] = _CA, timeout: float = _TIMEOUT) -> None:
     """WADO-RS: retrieve one series into DEST."""
     from medai.io.pacs import pull_series
 
-    paths = pull_series(url, study, series, dest, **_pacs_auth(user, password, token, insecure, ca_bundle))
+    paths = pull_series(url, study, series, dest, **_pacs_auth(user, password, token, insecure, ca_bundle, timeout))
     console.print(f"retrieved {len(paths)} instance(s) into {dest}")
 
 
@@ -67,7 +69,7 @@ def pacs_pull(url: str = typer.Argument(..., help="DICOMweb root URL."), study: 
 def pacs_push(url: str = typer.Argument(..., help="DICOMweb root URL (STOW-RS) or dicom://AE@host:port (C-STORE)."),
               paths: list[Path] = typer.Argument(..., help="Files or folders to store."),
               user: Optional[str] = _USER, password: Optional[str] = _PASSWORD, token: Optional[str] = _TOKEN,
-              insecure: bool = _INSECURE, ca_bundle: Optional[Path] = _CA,
+              insecure: bool = _INSECURE, ca_bundle: Optional[Path] = _CA, timeout: float = _TIMEOUT,
               deidentify_secret: Optional[str] = typer.Option(
                   None, "--deidentify-secret", envvar="MEDAI_DEID_SECRET",
                   help="De-identify before sending (PS3.15 basic profile; UIDs remapped with this key, the same "
@@ -81,7 +83,7 @@ def pacs_push(url: str = typer.Argument(..., help="DICOMweb root URL (STOW-RS) o
     from medai.io.pacs import push_files
 
     files = [f for p in paths for f in iter_files(p)]
-    auth = {} if url.startswith("dicom://") else _pacs_auth(user, password, token, insecure, ca_bundle)
+    auth = {} if url.startswith("dicom://") else _pacs_auth(user, password, token, insecure, ca_bundle, timeout)
     with tempfile.TemporaryDirectory(prefix="medai-deid-") as staging:
         if deidentify_secret:
             files, refused = deidentify_files(files, staging, secret=deidentify_secret, pseudonym=pseudonym)

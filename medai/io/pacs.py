@@ -105,7 +105,16 @@ class DicomWebPacs:
         if token:
             session.headers["Authorization"] = f"Bearer {token}"
         self._session = session
-        self._client = dicomweb_client.DICOMwebClient(url=self.url, session=session)
+        self.timeout_s = timeout_s
+        try:
+            # newer dicomweb-client sends its own timeout (20 s) on every request, which the adapter can't override
+            self._client = dicomweb_client.DICOMwebClient(url=self.url, session=session, timeout=timeout_s)
+        except TypeError:  # older releases take no timeout: the adapter's default applies
+            self._client = dicomweb_client.DICOMwebClient(url=self.url, session=session)
+        # dicomweb-client retries every failure 5 times with exponential back-off (a silent server cost
+        # 130 s at a 2 s timeout); one retry, soon, keeps a 503 recoverable and bounds a dead server
+        # at about twice the timeout.
+        self._client.set_http_retry_params(max_attempts=2, wait_exponential_multiplier=250)
 
     def _call(self, what: str, fn, *args, **kwargs):
         """Run a client call and turn transport/HTTP failures into PacsError with the cause."""
@@ -245,7 +254,23 @@ class DimsePacs:
     def __post_init__(self):
         self._label = f"dicom://{self.called_ae}@{self.host}:{self.port}"
 
+    def _check_reachable(self) -> None:
+        """Raise PacsError when nothing accepts a TCP connection: pynetdicom reports that as an aborted association."""
+        import socket
+
+        try:
+            socket.create_connection((self.host, self.port), timeout=self.timeout_s).close()
+        except ConnectionRefusedError:
+            raise PacsError(self._label, f"connection refused: nothing listens on {self.host}:{self.port} "
+                                         "(is the PACS running, and is this its DICOM port?)") from None
+        except (socket.timeout, TimeoutError):
+            raise PacsError(self._label, f"no answer from {self.host}:{self.port} within {self.timeout_s:g} s "
+                                         "(host down, firewall, VPN?)") from None
+        except OSError as exc:
+            raise PacsError(self._label, f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
+
     def _associate(self, contexts: Sequence[str], ae=None):
+        self._check_reachable()
         pynetdicom = _pynetdicom()
         ae = ae or pynetdicom.AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s

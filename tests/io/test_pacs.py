@@ -180,3 +180,47 @@ def test_missing_orthanc_or_dciodvfy_fails_under_ci_and_skips_elsewhere(env, fai
         with pytest.raises(expected) as info:
             check()
         assert binary in str(info.value) and "make system-deps" in str(info.value)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dimse_ping_on_a_closed_port_says_connection_refused_not_ae_title():
+    result = ping(f"dicom://ORTHANC@127.0.0.1:{_free_port()}", timeout_s=2)
+    assert not result.ok
+    assert result.detail.startswith("connection refused") and "AE title" not in result.detail, result.detail
+
+
+def test_silent_dicomweb_server_fails_after_one_retry_with_the_cause():
+    """A server that accepts and never answers: two attempts at the given timeout, then a PacsError."""
+    import socket
+    import threading
+
+    accepted = []
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(30)
+
+    def accept() -> None:
+        try:
+            while len(accepted) < 8:
+                accepted.append(server.accept()[0])
+        except OSError:
+            pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        pacs = DicomWebPacs(f"http://127.0.0.1:{server.getsockname()[1]}/dicom-web", timeout_s=1)
+        with pytest.raises(PacsError, match="timed out"):
+            pacs.search_studies()
+        assert len(accepted) == 2, len(accepted)  # was 5, with back-off: 130 s at a 2 s timeout
+    finally:
+        server.close()
+        for conn in accepted:
+            conn.close()
