@@ -85,11 +85,23 @@ def dicom_deidentify(
     out: Path = typer.Argument(..., help="Output folder."),
     secret: str = typer.Option(..., envvar="MEDAI_DEID_SECRET", help="Key for the UID remapping (same key: same new UIDs)."),
     pseudonym: str = typer.Option("ANON", help="Patient Name/ID written instead."),
+    burned_in_checked: bool = typer.Option(
+        False, "--burned-in-checked",
+        help="The pixels of US/SC/XA/... images without a Burned In Annotation element were checked for text."),
 ) -> None:
-    """De-identify (PS3.15 basic profile) with UIDs remapped consistently; lists refused files."""
+    """De-identify (PS3.15 basic profile) with UIDs remapped consistently; lists refused files.
+
+    Exit 0 all written, 1 some refused (each named), 2 bad key/source/output or no file to read.
+    """
     from medai.io.deidentify import deidentify_folder
 
-    written, refused = deidentify_folder(src, out, secret=secret, pseudonym=pseudonym)
+    written, refused = deidentify_folder(src, out, secret=secret, pseudonym=pseudonym,
+                                         burned_in_checked=burned_in_checked)
     for path, reason in refused:
         console.print(f"[red]REFUSED[/] {path}: {reason}")
     console.print(f"wrote {len(written)} de-identified file(s) to {out}")
+    if not written and not refused:
+        console.print(f"[red]no files found under {src}[/]")
+        raise typer.Exit(2)
+    if refused:
+        raise typer.Exit(1)

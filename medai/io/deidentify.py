@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from medai.errors import DicomError
+from medai.errors import ConfigError, DicomError
 from medai.io.dicom import iter_files, read_dataset
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,39 @@ KEEP_UID_KEYWORDS = {"SOPClassUID", "ReferencedSOPClassUID", "MediaStorageSOPCla
                      "ReferencedTransferSyntaxUIDInFile", "ContextGroupExtensionCreatorUID", "MappingResourceUID"}
 
 
+# A short or empty key makes the new UIDs a public function of the old ones (2.25.<sha256(key|uid)>),
+# so anyone could link them back by hashing candidate UIDs.
+MIN_SECRET_CHARS = 16
+# Modalities and SOP classes whose pixels often carry burned-in names (ultrasound, secondary capture,
+# angiography, endoscopy, photographs, scanned documents): exported only when their Burned In
+# Annotation element says NO, or when the user says the pixels were checked.
+BURNED_IN_PRONE_MODALITIES = {"US", "IVUS", "SC", "XA", "RF", "ES", "XC", "GM", "SM", "OT", "DOC"}
+BURNED_IN_PRONE_SOP_PREFIXES = ("1.2.840.10008.5.1.4.1.1.6.",  # ultrasound (single and multi-frame)
+                                "1.2.840.10008.5.1.4.1.1.3.1",  # ultrasound multi-frame (retired)
+                                "1.2.840.10008.5.1.4.1.1.7",  # secondary capture family
+                                "1.2.840.10008.5.1.4.1.1.12.",  # X-ray angiography / fluoroscopy
+                                "1.2.840.10008.5.1.4.1.1.77.1.")  # visible light (endoscopy, photographs)
+
+
+def check_secret(secret: str | None) -> str:
+    """Return `secret` if it can key the UID map; else raise ConfigError saying how long it must be."""
+    if not secret or len(secret) < MIN_SECRET_CHARS:
+        raise ConfigError(f"the de-identification key must be at least {MIN_SECRET_CHARS} characters "
+                          f"(got {len(secret or '')}); without a secret key the new UIDs can be linked back to "
+                          "the originals. Keep one key per project, e.g. from "
+                          "`python -c 'import secrets; print(secrets.token_hex(16))'`")
+    return secret
+
+
 @dataclass
 class UidMap:
     """Old UID -> new UID, keyed by a secret so the same study maps the same way in every call."""
 
     secret: str
     mapping: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_secret(self.secret)
 
     def __call__(self, uid: str) -> str:
         """The new UID for `uid` (2.25 root from a keyed hash: deterministic, not reversible without the key)."""
@@ -73,8 +100,20 @@ class UidMap:
         return self.mapping[uid]
 
 
+def burned_in_risk(ds) -> str | None:
+    """Why this instance's pixels may show identifiers with nothing saying they don't, or None."""
+    if str(ds.get("BurnedInAnnotation", "")).upper() == "NO":
+        return None
+    modality = str(ds.get("Modality", "")).upper()
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if modality in BURNED_IN_PRONE_MODALITIES or sop_class.startswith(BURNED_IN_PRONE_SOP_PREFIXES):
+        return (f"{modality or 'this'} image with no Burned In Annotation element: such images often show names "
+                "in the pixels; check them and pass burned_in_checked (CLI: --burned-in-checked)")
+    return None
+
+
 def deidentify_dataset(ds, uid_map: UidMap, *, pseudonym: str = "ANON", retain_descriptions: bool = False,
-                       source: str | Path = "<dataset>"):
+                       source: str | Path = "<dataset>", burned_in_checked: bool = False):
     """De-identify a pydicom Dataset in place (basic profile) and return it.
 
     retain_descriptions keeps Study/Series Description: this is NOT basic-profile compliant and is only
@@ -83,6 +122,9 @@ def deidentify_dataset(ds, uid_map: UidMap, *, pseudonym: str = "ANON", retain_d
     """
     if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
         raise DicomError(source, "Burned In Annotation is YES: pixel data may show identifiers; refusing to export")
+    risk = None if burned_in_checked else burned_in_risk(ds)
+    if risk:
+        raise DicomError(source, risk)
     ds.remove_private_tags()
     for elem in list(ds):
         if 0x6000 <= elem.tag.group <= 0x60FF or 0x5000 <= elem.tag.group <= 0x50FF:
@@ -128,7 +170,8 @@ def deidentify_dataset(ds, uid_map: UidMap, *, pseudonym: str = "ANON", retain_d
 
 
 def deidentify_files(paths: Iterable[str | Path], out_dir: str | Path, *, secret: str, pseudonym: str = "ANON",
-                     retain_descriptions: bool = False) -> tuple[list[Path], list[tuple[str, str]]]:
+                     retain_descriptions: bool = False,
+                     burned_in_checked: bool = False) -> tuple[list[Path], list[tuple[str, str]]]:
     """De-identify files into out_dir (named by new SOP Instance UID); returns written paths and (path, reason) refusals."""
     uid_map = UidMap(secret)
     out_dir = Path(out_dir)
@@ -137,7 +180,8 @@ def deidentify_files(paths: Iterable[str | Path], out_dir: str | Path, *, secret
     for path in paths:
         try:
             ds = read_dataset(path)
-            deidentify_dataset(ds, uid_map, pseudonym=pseudonym, retain_descriptions=retain_descriptions, source=path)
+            deidentify_dataset(ds, uid_map, pseudonym=pseudonym, retain_descriptions=retain_descriptions, source=path,
+                               burned_in_checked=burned_in_checked)
         except DicomError as exc:
             refused.append((str(path), exc.reason))
             log.warning("not exported: %s", exc)
@@ -149,5 +193,16 @@ def deidentify_files(paths: Iterable[str | Path], out_dir: str | Path, *, secret
 
 
 def deidentify_folder(src: str | Path, out_dir: str | Path, *, secret: str, **kwargs) -> tuple[list[Path], list[tuple[str, str]]]:
-    """De-identify every file under src into out_dir with one UID map (consistent across the study)."""
+    """De-identify every file under src into out_dir with one UID map (consistent across the study).
+
+    Refuses (ConfigError) a short key, a missing source, and an output folder that is the source or
+    inside it (the copies would land beside the originals, and a rerun would read them as input).
+    """
+    check_secret(secret)
+    src, out_dir = Path(src), Path(out_dir)
+    if not src.exists():
+        raise ConfigError(f"{src}: no such file or folder to de-identify")
+    source_root = src.resolve() if src.is_dir() else src.resolve().parent
+    if out_dir.resolve() == source_root or source_root in out_dir.resolve().parents:
+        raise ConfigError(f"{out_dir}: the output folder is the source folder or inside it; choose another")
     return deidentify_files(iter_files(src), out_dir, secret=secret, **kwargs)

@@ -129,7 +129,7 @@ def test_cli_push_deidentifies_on_export(orthanc, dicom_dcmqi_path, tmp_path):
 
     series = dicom_dcmqi_path / "segmentations" / "ct-3slice"
     originals = [pydicom.dcmread(p) for p in sorted(series.glob("*.dcm"))]
-    pushed = CliRunner().invoke(app, ["pacs", "push", orthanc.dicomweb_url, str(series), "--deidentify-secret", "k1",
+    pushed = CliRunner().invoke(app, ["pacs", "push", orthanc.dicomweb_url, str(series), "--deidentify-secret", "k1-0123456789abcdef",
                                       "--pseudonym", "STUDY-A"])
     assert pushed.exit_code == 0 and "stored 3 instance(s) (de-identified)" in pushed.output
     pacs = DicomWebPacs(orthanc.dicomweb_url)
