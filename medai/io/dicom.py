@@ -31,6 +31,7 @@ from medai.errors import (
     DicomNotImageError,
     DicomReadError,
     DicomSeriesError,
+    InputFileError,
 )
 from medai.utils import optional_import
 
@@ -213,6 +214,12 @@ def _check_pixel_element_complete(ds, path: Path, file_size: int) -> None:
             have = min(length, file_size - tell)
         if have < expected:
             raise DicomReadError(path, f"truncated: Pixel Data holds {have} bytes, the image needs {expected}")
+        if have > expected + 1:  # one byte of padding to an even length is allowed
+            # Decoders trim the excess silently, so the image would be read with the wrong geometry.
+            raise DicomReadError(path, f"Pixel Data holds {have} bytes but Rows x Columns x samples x frames "
+                                       f"({int(ds.Rows)} x {int(ds.Columns)} x {int(ds.get('SamplesPerPixel', 1))} x "
+                                       f"{frames}) at {int(ds.BitsAllocated)} bits needs {expected}: the header does "
+                                       "not match the pixels")
     if length is None or tell is None:
         return  # already parsed (small file): pydicom read it fully or raised
     if length == 0xFFFFFFFF:
@@ -360,7 +367,7 @@ def scan_folder(root: str | Path, *, progress: bool = False) -> DicomIndex:
     """Index every DICOM file under root into studies/series; refused files are recorded with reasons."""
     root = Path(root)
     if not root.exists():
-        raise FileNotFoundError(f"{root}: no such folder")
+        raise InputFileError(root, "no such file or folder")
     index = DicomIndex(root=str(root))
     files = list(iter_files(root))
     if progress:

@@ -584,3 +584,41 @@ def test_voi_lut_path_matches_our_window_formula(dicom_brain_tumor_progression_p
     hi = 2 ** (int(ds.BitsStored) - (1 if ds.PixelRepresentation else 0)) - 1
     ours = apply_window(values, center, width) * (hi - lo) + lo
     np.testing.assert_allclose(shown, ours, atol=(hi - lo) * 1e-4)
+
+
+def test_rows_smaller_than_pixel_data_is_refused_by_read_and_scan(dicom_brain_tumor_progression_path, tmp_path):
+    """A header whose Rows x Columns don't match the pixels: refused by name (decoders trimmed it silently)."""
+    import pydicom
+
+    from medai.errors import DicomReadError
+    from medai.io.dicom import read_dataset, scan_folder
+
+    src = next((dicom_brain_tumor_progression_path / "Study1" / "13_HCropVolume").glob("*.dcm"))
+    ds = pydicom.dcmread(src)
+    ds.Rows = int(ds.Rows) - 5
+    bad = tmp_path / "series" / "bad.dcm"
+    bad.parent.mkdir()
+    ds.save_as(bad)
+    shutil.copy(src, tmp_path / "series" / "good.dcm")
+    with pytest.raises(DicomReadError, match="the header does not match the pixels"):
+        read_dataset(bad)
+    index = scan_folder(tmp_path / "series")
+    assert [r.path for r in index.refused] == [str(bad)] and index.instance_count == 1
+
+
+def test_scan_of_a_missing_folder_is_a_typed_error(tmp_path):
+    from medai.errors import InputFileError
+    from medai.io.dicom import scan_folder
+
+    with pytest.raises(InputFileError, match="no such file or folder"):
+        scan_folder(tmp_path / "nowhere")
+
+
+def test_cli_on_missing_folder_prints_one_line_and_exits_2(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "medai.cli", "dicom", "scan", str(tmp_path / "nowhere")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "no such file or folder" in out.stderr
