@@ -114,9 +114,12 @@ def _optional_float(value: str | None, where: str) -> float | None:
 
 
 def read_slide_list(
-    items: Sequence[str | Path] = (), csv_path: str | Path | None = None
+    items: Sequence[str | Path] = (), csv_path: str | Path | None = None, default_mpp: float | None = None
 ) -> list[SlideEntry]:
-    """Return slides from paths/folders and/or a CSV (`path`[, `slide_id`, `mpp`, `target_mpp`])."""
+    """Return slides from paths/folders and/or a CSV (`path`[, `slide_id`, `mpp`, `target_mpp`]).
+
+    `default_mpp` (level-0 µm/px) applies to every slide without a CSV value; no slides at all is an error.
+    """
     entries: list[SlideEntry] = []
     for item in items:
         path = Path(item)
@@ -151,7 +154,11 @@ def read_slide_list(
                 "give them distinct slide_id values in a CSV"
             )
         seen[entry.slide_id] = entry.path
+        if entry.mpp is None:
+            entry.mpp = default_mpp
     unique = list({e.slide_id: e for e in entries}.values())
+    if not unique:
+        raise MedaiError("no slides given (pass slide files, folders of slides or a CSV)")
     return unique
 
 

@@ -407,3 +407,17 @@ def write_report_sr(report: ReportDraft, evidence: Sequence[Any], path: str | Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     sr.save_as(path)
     return path
+
+
+def write_report(report: ReportDraft, out_dir: str | Path, dicom: str | Path | None = None) -> list[Path]:
+    """Write report.txt and report.json into `out_dir`, and report_sr.dcm referencing the `dicom` instance if given."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "report.txt", out_dir / "report.json"]
+    written[0].write_text(report.to_text())
+    written[1].write_text(report.to_json())
+    if dicom is not None:
+        from medai.io.dicom import read_dataset
+
+        written.append(write_report_sr(report, [read_dataset(dicom, defer_pixels=False)], out_dir / "report_sr.dcm"))
+    return written

@@ -249,8 +249,12 @@ def config_dict(cfg: VQAEvalConfig) -> dict[str, Any]:
 
 def evaluate_templated(model: Any, questions: Sequence[Any], conditions: Sequence[str] = ("image", "blank", "blind"),
                        batch_size: int = 8, max_new_tokens: int = 6, max_time_s: float = 900.0,
-                       n_boot: int = 2000, blind_model: Any | None = None) -> dict[str, Any]:
-    """Exact-match accuracy (95% CI) on templated questions (medai.io.templated_vqa) per condition and template."""
+                       n_boot: int = 2000, blind_model: Any | None = None,
+                       out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Exact-match accuracy (95% CI) on templated questions (medai.io.templated_vqa) per condition and template.
+
+    With `out_dir`, also writes summary.json and summary.md (format_templated) there.
+    """
     from collections import Counter
 
     from tqdm import tqdm
@@ -287,6 +291,11 @@ def evaluate_templated(model: Any, questions: Sequence[Any], conditions: Sequenc
             est, lo, hi = bootstrap_ci(values, n_boot=n_boot)
             entry["per_template"][t] = {"accuracy": 100 * est, "ci_low": 100 * lo, "ci_high": 100 * hi}
         results["conditions"][condition] = entry
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "summary.json").write_text(json.dumps(results, indent=2))
+        (out_dir / "summary.md").write_text(format_templated(results))
     return results
 
 

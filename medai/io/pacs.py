@@ -453,3 +453,22 @@ def push_files(url: str, paths: Iterable[str | Path], **auth: Any) -> int:
         return parse_dimse_url(url).store(paths)
     return DicomWebPacs(url, **auth).store(paths)
 
+
+def push_paths(url: str, paths: Iterable[str | Path], *, deidentify_secret: str | None = None,
+               pseudonym: str = "ANON", **auth: Any) -> tuple[int, list[tuple[str, str]]]:
+    """Store files (folders walked) on a PACS, de-identified on the way out when `deidentify_secret` is given.
+
+    Returns how many instances were stored and the (path, reason) of each file not sent.
+    """
+    import tempfile
+
+    from medai.io.deidentify import deidentify_files
+    from medai.io.dicom import iter_files
+
+    files: list[Path] = [f for p in paths for f in iter_files(p)]
+    refused: list[tuple[str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="medai-deid-") as staging:
+        if deidentify_secret:
+            files, refused = deidentify_files(files, staging, secret=deidentify_secret, pseudonym=pseudonym)
+        return push_files(url, files, **auth), refused
+

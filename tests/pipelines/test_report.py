@@ -19,6 +19,8 @@ from medai.pipelines.report import (
     findings_from_mil,
     findings_from_segmentation,
     load_findings,
+    template_draft,
+    write_report,
     write_report_sr,
 )
 
@@ -102,6 +104,16 @@ def test_dicom_sr_holds_flagged_sentences_and_is_unverified(study, tmp_path, dic
     assert any(t.startswith("[UNSUPPORTED") and "pneumothorax" in t for t in texts)
     with pytest.raises(FindingsError):
         write_report_sr(report, [], tmp_path / "none.dcm")
+
+
+def test_write_report_writes_text_json_and_the_sr_of_a_given_instance(study, tmp_path, dicom_brain_tumor_progression_path):
+    source = min(dicom_brain_tumor_progression_path.rglob("*.dcm"))
+    report = check_report(template_draft(study), study, "template")
+    assert [p.name for p in write_report(report, tmp_path / "text")] == ["report.txt", "report.json"]
+    assert (tmp_path / "text" / "report.txt").read_text() == report.to_text()
+    written = write_report(report, tmp_path / "sr", source)
+    assert json.loads(written[1].read_text()) == json.loads(report.to_json())
+    assert pydicom.dcmread(written[2]).StudyInstanceUID == pydicom.dcmread(source).StudyInstanceUID
 
 
 def test_findings_file_errors_name_the_item(tmp_path):

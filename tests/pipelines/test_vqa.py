@@ -71,7 +71,7 @@ def test_evaluation_job_runs_all_conditions_and_resumes(tiny_vlm, vqa_rad_path, 
         evaluate_vqa_rad(tiny_vlm, cfg, blind_model=tiny_vlm)
 
 
-def test_templated_evaluation_scores_each_condition(tiny_vlm, breastmnist_path):
+def test_templated_evaluation_scores_each_condition(tiny_vlm, breastmnist_path, tmp_path):
     import itertools
 
     from medai.io.templated_vqa import breastmnist_questions
@@ -79,8 +79,9 @@ def test_templated_evaluation_scores_each_condition(tiny_vlm, breastmnist_path):
 
     questions = list(itertools.islice(breastmnist_questions(breastmnist_path), 4))
     results = evaluate_templated(tiny_vlm, questions, ("image", "blank", "blind", "blind_trained"), max_new_tokens=2,
-                                 n_boot=20, blind_model=tiny_vlm)
+                                 n_boot=20, blind_model=tiny_vlm, out_dir=tmp_path)
     assert results["templated"] and results["n"] == 4
+    assert json.loads((tmp_path / "summary.json").read_text()) == results
     for condition in ("majority", "image", "blank", "blind", "blind_trained"):
         m = results["conditions"][condition]
         assert 0 <= m["ci_low"] <= m["accuracy"] <= m["ci_high"] <= 100
@@ -90,3 +91,4 @@ def test_templated_evaluation_scores_each_condition(tiny_vlm, breastmnist_path):
     from medai.pipelines.vqa import format_templated
 
     assert "| blind_trained |" in format_templated(results)
+    assert (tmp_path / "summary.md").read_text() == format_templated(results)
