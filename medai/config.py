@@ -141,14 +141,26 @@ def to_dict(obj: Any) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str], source: _SOURCE = None) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested mapping, in place."""
+    """Apply `-o a.b.c=value` overrides (values parsed as YAML) to a nested mapping, in place.
+
+    The one override syntax of every command: a malformed item or key raises ConfigError naming it;
+    an unknown key is named by whoever reads the mapping (`from_dict`, a model family's builder).
+    """
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value", source or "--override")
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value", source or "--override")
         dotted, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        dotted = dotted.strip()
+        parts = dotted.split(".")
+        if not all(part.isidentifier() for part in parts):
+            raise ConfigError(f"malformed key in '{item}': expected dotted names, as in key.sub=value",
+                              "--override", dotted)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"value {raw!r} is not valid YAML ({exc.__class__.__name__})", "--override",
+                              dotted) from exc
         node = data
-        parts = dotted.strip().split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
@@ -156,6 +168,11 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str], source: _SOU
             node = child
         node[parts[-1]] = value
     return data
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """The nested mapping that `-o key.sub=value` items spell (e.g. a model family's keyword overrides)."""
+    return apply_overrides({}, overrides)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -190,15 +191,13 @@ def render_slide_attention(
 
 
 def export_attention(model_name: str, weights: str | Path, bags_path: str | Path, out: str | Path,
-                     model_kwargs: str | None = None, *, slide: str | Path | None = None,
+                     model_overrides: dict[str, Any] | None = None, *, slide: str | Path | None = None,
                      branches: str = "mean", top_k: int = 8, mpp: float | None = None) -> list[Path]:
-    """Load a MIL model and write <bag>.npz attention maps and <bag>.png previews for the bags in `bags_path`.
+    """Load a MIL model (`model_overrides`: its family's keyword options) and write <bag>.npz attention maps and <bag>.png previews for the bags in `bags_path`.
 
     With `slide` (and a single-slide features .h5 as `bags_path`), also draw the `branches`
     chosen ('mean', 'all', '0,2', ...) on the slide with their top-k patch galleries.
     """
-    import yaml
-
     from medai.errors import ConfigError
     from medai.io.mil_bags import MILBag, read_clam_h5, read_sicapv2_bags
     from medai.models import create_model
@@ -213,8 +212,7 @@ def export_attention(model_name: str, weights: str | Path, bags_path: str | Path
         )
     else:
         bags = read_sicapv2_bags(bags_path)
-    kwargs = yaml.safe_load(model_kwargs) if model_kwargs else {}
-    model = create_model(model_name, pretrained=weights, **kwargs).eval()
+    model = create_model(model_name, pretrained=weights, **(model_overrides or {})).eval()
     written = []
     for bag in bags:
         maps = attention_maps(model, bag.features, bag.coords, top_k=top_k)

@@ -15,7 +15,7 @@ console = Console()
 
 @app.command("verify")
 def data_verify(
-    root: Optional[Path] = typer.Option(None, help="Data root (default: MEDAI_DATA or ../shared/data)."),
+    root: Optional[Path] = typer.Option(None, exists=True, file_okay=False, help="Data root (default: MEDAI_DATA or ../shared/data)."),
     only: Optional[str] = typer.Option(None, help="Only files under this relative prefix."),
 ) -> None:
     """Check every file of the shared data against SHA256SUMS; exit 1 naming any that differ."""

@@ -15,7 +15,7 @@ console = Console()
 
 @app.command("scan")
 def dicom_scan(
-    folder: Path = typer.Argument(..., help="Folder tree to index (any file names, non-DICOM files mixed in)."),
+    folder: Path = typer.Argument(..., exists=True, help="Folder tree to index (any file names, non-DICOM files mixed in)."),
     as_json: bool = typer.Option(False, "--json", help="Print the index as JSON."),
 ) -> None:
     """Index studies/series under FOLDER and list every refused file with its reason (exit 0 when the scan ran)."""
@@ -44,35 +44,25 @@ def dicom_scan(
 
 @app.command("convert")
 def dicom_convert(
-    series_dir: Path = typer.Argument(..., help="Folder (or file) holding one series."),
+    series_dir: Path = typer.Argument(..., exists=True, help="Folder (or file) holding one series."),
     out: Path = typer.Argument(..., help="Output NIfTI (.nii or .nii.gz)."),
     series_uid: Optional[str] = typer.Option(None, help="Series Instance UID when the folder holds several."),
 ) -> None:
     """Write a series as NIfTI with its geometry (RAS affine); prints spacing and any geometry warnings."""
-    from medai.errors import DicomError
     from medai.io.dicom import convert_series
 
-    try:
-        volume = convert_series(series_dir, out, series_uid=series_uid)
-    except DicomError as exc:
-        console.print(f"[red]error[/] {exc}")
-        raise typer.Exit(1)
+    volume = convert_series(series_dir, out, series_uid=series_uid)
     for w in volume.warnings:
         console.print(f"[yellow]warning[/] {w}")
     console.print(f"wrote {out}: shape {volume.array.shape}, spacing {tuple(round(s, 4) for s in volume.spacing_mm)} mm, {volume.array.dtype}")
 
 
 @app.command("info")
-def dicom_info(path: Path = typer.Argument(..., help="One DICOM file.")) -> None:
-    """Print a header summary (no patient fields) and whether the pixels decode."""
-    from medai.errors import DicomError
+def dicom_info(path: Path = typer.Argument(..., exists=True, dir_okay=False, help="One DICOM file.")) -> None:
+    """Print a header summary (no patient fields) and whether the pixels decode (exit 1 when they do not)."""
     from medai.io.dicom import describe_file
 
-    try:
-        info = describe_file(path)
-    except DicomError as exc:
-        console.print(f"[red]{type(exc).__name__}[/] {exc}")
-        raise typer.Exit(1)
+    info = describe_file(path)
     for key, value in info.items():
         console.print(f"{key:>20}: {value}")
     if info.get("decodes") is False:
@@ -81,7 +71,7 @@ def dicom_info(path: Path = typer.Argument(..., help="One DICOM file.")) -> None
 
 @app.command("deidentify")
 def dicom_deidentify(
-    src: Path = typer.Argument(..., help="Folder (or file) to de-identify."),
+    src: Path = typer.Argument(..., exists=True, help="Folder (or file) to de-identify."),
     out: Path = typer.Argument(..., help="Output folder."),
     secret: str = typer.Option(..., envvar="MEDAI_DEID_SECRET", help="Key for the UID remapping (same key: same new UIDs)."),
     pseudonym: str = typer.Option("ANON", help="Patient Name/ID written instead."),

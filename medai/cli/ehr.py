@@ -9,13 +9,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medai.cli.options import override_option
+
 app = typer.Typer(help="EHR timelines: ingest FHIR / MIMIC / MEDS, summarise.", no_args_is_help=True)
 console = Console()
 
 
 @app.command("ingest")
 def ehr_ingest(
-    paths: list[Path] = typer.Argument(..., help="FHIR Bundles/NDJSON files or folders, MIMIC table folders, MEDS folders."),
+    paths: list[Path] = typer.Argument(..., exists=True, help="FHIR Bundles/NDJSON files or folders, MIMIC table folders, MEDS folders."),
     out: Path = typer.Option(..., "--out", help="Folder for patients/visits/events/refused Parquet tables."),
     meds: bool = typer.Option(False, "--meds", help="Also write a MEDS copy under OUT/meds."),
     not_after: Optional[str] = typer.Option(None, help="Refuse events after this ISO date (default: now, UTC)."),
@@ -36,7 +38,7 @@ def ehr_ingest(
 
 
 @app.command("summary")
-def ehr_summary(folder: Path = typer.Argument(..., help="A folder written by `medai ehr ingest`.")) -> None:
+def ehr_summary(folder: Path = typer.Argument(..., exists=True, file_okay=False, help="A folder written by `medai ehr ingest`.")) -> None:
     """Print patients, visits, events per kind and code system, the date range and refusals."""
     from medai.io.ehr import EHRTables
 
@@ -45,8 +47,8 @@ def ehr_summary(folder: Path = typer.Argument(..., help="A folder written by `me
 
 @app.command("experiment")
 def ehr_experiment(
-    config: Path = typer.Argument(..., help="An EHR experiment YAML (configs/ehr_mimic_demo.yaml)."),
-    override: list[str] = typer.Option([], "--override", "-o", help="key.sub=value (YAML value)."),
+    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="An EHR experiment YAML (configs/ehr_mimic_demo.yaml)."),
+    override: list[str] = override_option("Config key"),
 ) -> None:
     """Pretrain + multitask fine-tune EHRMamba and the Transformer baseline, fit the bag-of-codes baselines; print the table."""
     from medai.pipelines.ehr import load_experiment_config, run_ehr_experiment

@@ -15,7 +15,7 @@ _USER = typer.Option(None, "--user", envvar="MEDAI_PACS_USER", help="HTTP basic 
 _PASSWORD = typer.Option(None, "--password", envvar="MEDAI_PACS_PASSWORD", help="HTTP basic auth password.")
 _TOKEN = typer.Option(None, "--token", envvar="MEDAI_PACS_TOKEN", help="Bearer token.")
 _INSECURE = typer.Option(False, "--insecure", help="Do not verify TLS certificates (testing only).")
-_CA = typer.Option(None, "--ca-bundle", help="CA bundle (PEM) for the site's TLS certificates.")
+_CA = typer.Option(None, "--ca-bundle", exists=True, dir_okay=False, help="CA bundle (PEM) for the site's TLS certificates.")
 _TIMEOUT = typer.Option(30.0, "--timeout", help="Seconds to wait for the server per request (one retry).")
 
 
@@ -29,13 +29,13 @@ def _pacs_auth(user: Optional[str], password: Optional[str], token: Optional[str
 def pacs_ping(url: str = typer.Argument(..., help="http(s)://host:port/dicom-web or dicom://AE@host:port"),
               user: Optional[str] = _USER, password: Optional[str] = _PASSWORD, token: Optional[str] = _TOKEN,
               insecure: bool = _INSECURE, ca_bundle: Optional[Path] = _CA, timeout: float = _TIMEOUT) -> None:
-    """Check a PACS connection (QIDO query or C-ECHO) and say what is wrong: URL, TLS, auth, AE title."""
+    """Check a PACS connection (QIDO query or C-ECHO); exit 2 saying what is wrong: URL, TLS, auth, AE title."""
     from medai.io.pacs import ping
 
     result = ping(url, **_pacs_auth(user, password, token, insecure, ca_bundle, timeout))
     console.print(f"{'[green]OK[/]' if result.ok else '[red]FAILED[/]'} {result.protocol} {result.url}: {result.detail}")
     if not result.ok:
-        raise typer.Exit(1)
+        raise typer.Exit(2)  # the URL, TLS settings or credentials given are wrong: bad input, as in search and pull
 
 
 @app.command("search")
@@ -67,7 +67,7 @@ def pacs_pull(url: str = typer.Argument(..., help="DICOMweb root URL."), study: 
 
 @app.command("push")
 def pacs_push(url: str = typer.Argument(..., help="DICOMweb root URL (STOW-RS) or dicom://AE@host:port (C-STORE)."),
-              paths: list[Path] = typer.Argument(..., help="Files or folders to store."),
+              paths: list[Path] = typer.Argument(..., exists=True, help="Files or folders to store."),
               user: Optional[str] = _USER, password: Optional[str] = _PASSWORD, token: Optional[str] = _TOKEN,
               insecure: bool = _INSECURE, ca_bundle: Optional[Path] = _CA, timeout: float = _TIMEOUT,
               deidentify_secret: Optional[str] = typer.Option(
@@ -75,19 +75,13 @@ def pacs_push(url: str = typer.Argument(..., help="DICOMweb root URL (STOW-RS) o
                   help="De-identify before sending (PS3.15 basic profile; UIDs remapped with this key, the same "
                        "key giving the same UIDs across pushes); files that cannot be de-identified are not sent."),
               pseudonym: str = typer.Option("ANON", help="PatientName/PatientID written when de-identifying.")) -> None:
-    """STOW-RS / C-STORE files (folders are walked) to a PACS, optionally de-identified on the way out."""
-    import tempfile
+    """STOW-RS / C-STORE files (folders walked) to a PACS, optionally de-identified; exit 1 naming files not sent."""
+    from medai.io.pacs import push_paths
 
-    from medai.io.deidentify import deidentify_files
-    from medai.io.dicom import iter_files
-    from medai.io.pacs import push_files
-
-    files = [f for p in paths for f in iter_files(p)]
-    auth = {} if url.startswith("dicom://") else _pacs_auth(user, password, token, insecure, ca_bundle, timeout)
-    with tempfile.TemporaryDirectory(prefix="medai-deid-") as staging:
-        if deidentify_secret:
-            files, refused = deidentify_files(files, staging, secret=deidentify_secret, pseudonym=pseudonym)
-            for path, reason in refused:
-                console.print(f"[red]NOT SENT[/] {path}: {reason}")
-        stored = push_files(url, files, **auth)
+    stored, refused = push_paths(url, paths, deidentify_secret=deidentify_secret, pseudonym=pseudonym,
+                                 **_pacs_auth(user, password, token, insecure, ca_bundle, timeout))
+    for path, reason in refused:
+        console.print(f"[red]NOT SENT[/] {path}: {reason}")
     console.print(f"stored {stored} instance(s)" + (" (de-identified)" if deidentify_secret else ""))
+    if refused:
+        raise typer.Exit(1)

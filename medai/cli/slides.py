@@ -22,14 +22,9 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _fail(exc: Exception) -> None:
-    console.print(f"[red]error[/] {type(exc).__name__}: {exc}")
-    raise typer.Exit(1)
-
-
 @app.command("info")
 def slides_info(
-    slide: Path = typer.Argument(..., help="Slide file or DICOM folder."),
+    slide: Path = typer.Argument(..., exists=True, help="Slide file or DICOM folder."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     mpp: float | None = typer.Option(None, help=_MPP_HELP),
     backend: str | None = typer.Option(
@@ -37,14 +32,10 @@ def slides_info(
     ),
 ) -> None:
     """Print backend, vendor, dimensions, levels, downsamples, mpp (or 'unknown') and associated images."""
-    from medai.errors import MedaiError
     from medai.io.wsi import open_slide
 
-    try:
-        with open_slide(slide, mpp=mpp, backend=backend) as handle:
-            info = handle.info()
-    except MedaiError as exc:
-        _fail(exc)
+    with open_slide(slide, mpp=mpp, backend=backend) as handle:
+        info = handle.info()
     if as_json:
         typer.echo(json.dumps(info.to_dict(), indent=2))
         return
@@ -66,23 +57,19 @@ def slides_info(
 
 @app.command("tissue")
 def slides_tissue(
-    slide: Path = typer.Argument(..., help="Slide file or DICOM folder."),
+    slide: Path = typer.Argument(..., exists=True, help="Slide file or DICOM folder."),
     out_dir: Path = typer.Argument(
         ..., help="Folder for <id>_mask.png, <id>_overlay.png, <id>.geojson."
     ),
     mpp: float | None = typer.Option(None, help=_MPP_HELP),
 ) -> None:
     """Detect tissue; write the mask, a thumbnail overlay and QuPath GeoJSON."""
-    from medai.errors import MedaiError
     from medai.io.wsi import open_slide
     from medai.pipelines.extract_features import slide_id_for
     from medai.pipelines.slides import segment_slide
 
-    try:
-        with open_slide(slide, mpp=mpp) as handle:
-            result = segment_slide(handle, out_dir, slide_id_for(slide))
-    except MedaiError as exc:
-        _fail(exc)
+    with open_slide(slide, mpp=mpp) as handle:
+        result = segment_slide(handle, out_dir, slide_id_for(slide))
     console.print(
         f"tissue {100 * result.tissue.tissue_fraction:.1f}% of the slide in {len(result.tissue.polygons)} region(s); "
         f"saturation threshold {result.tissue.threshold}"
@@ -93,7 +80,7 @@ def slides_tissue(
 
 @app.command("patch")
 def slides_patch(
-    slide: Path = typer.Argument(..., help="Slide file or DICOM folder."),
+    slide: Path = typer.Argument(..., exists=True, help="Slide file or DICOM folder."),
     out_dir: Path = typer.Argument(
         ..., help="Output folder (tissue/ and patches/ are created in it)."
     ),
@@ -103,17 +90,13 @@ def slides_patch(
     mpp: float | None = typer.Option(None, help=_MPP_HELP),
 ) -> None:
     """Segment tissue and write the patch grid (coords HDF5, CLAM/TRIDENT layout) and its overlay."""
-    from medai.errors import MedaiError
     from medai.io.wsi import open_slide
     from medai.pipelines.extract_features import slide_id_for
     from medai.pipelines.slides import PatchConfig, patch_slide
 
     cfg = PatchConfig(patch_size=patch_size, target_mpp=target_mpp, min_tissue_fraction=min_tissue)
-    try:
-        with open_slide(slide, mpp=mpp) as handle:
-            grid, _ = patch_slide(handle, out_dir, slide_id_for(slide), patch_cfg=cfg)
-    except MedaiError as exc:
-        _fail(exc)
+    with open_slide(slide, mpp=mpp) as handle:
+        grid, _ = patch_slide(handle, out_dir, slide_id_for(slide), patch_cfg=cfg)
     console.print(
         f"{len(grid.coords)} patches of {grid.patch_size} px at {grid.mpp} µm/px "
         f"(level {grid.patch_level}, {grid.patch_size_level0} level-0 px each) -> {out_dir}/patches/{grid.name}.h5"
@@ -123,11 +106,11 @@ def slides_patch(
 @app.command("extract")
 def slides_extract(
     slides: list[Path] = typer.Argument(
-        None, help="Slide files, folders of slides, or DICOM folders."
+        None, exists=True, help="Slide files, folders of slides, or DICOM folders."
     ),
     out: Path = typer.Option(..., "--out", help="Output folder."),
     csv_path: Path | None = typer.Option(
-        None, "--csv", help="CSV with a 'path' column (+ slide_id, mpp, target_mpp)."
+        None, "--csv", exists=True, dir_okay=False, help="CSV with a 'path' column (+ slide_id, mpp, target_mpp)."
     ),
     model: str = typer.Option("efficientnet_lite0", help="Registered medai model or timm:<name>."),
     pretrained: str | None = typer.Option(
@@ -148,40 +131,27 @@ def slides_extract(
 ) -> None:
     """Extract patch features for many slides into <out>/features/<id>.h5; resumable; failures recorded."""
     from medai.config import from_dict
-    from medai.errors import MedaiError
     from medai.pipelines.extract_features import ExtractConfig, read_slide_list, run_extraction
 
     # SIGTERM (batch schedulers) unwinds like Ctrl-C so temporaries are removed and locks released.
     signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        entries = read_slide_list(slides or [], csv_path)
-        if mpp is not None:
-            for entry in entries:
-                entry.mpp = entry.mpp if entry.mpp is not None else mpp
-        cfg = from_dict(
-            ExtractConfig,
-            {
-                "out_dir": str(out),
-                "encoder": {"name": model, "pretrained": pretrained or None},
-                "patch": {
-                    "patch_size": patch_size,
-                    "target_mpp": target_mpp,
-                    "min_tissue_fraction": min_tissue,
-                },
-                "batch_size": batch_size,
-                "num_workers": workers,
-                "device": device,
-                "precision": precision,
-                "overwrite": overwrite,
-                "progress": progress,
-            },
-            source="medai slides extract",
-        )
-        if not entries:
-            raise MedaiError("no slides given (pass paths, folders or --csv)")
-        summary = run_extraction(entries, cfg)
-    except MedaiError as exc:
-        _fail(exc)
+    entries = read_slide_list(slides or [], csv_path, default_mpp=mpp)
+    cfg = from_dict(
+        ExtractConfig,
+        {
+            "out_dir": str(out),
+            "encoder": {"name": model, "pretrained": pretrained or None},
+            "patch": {"patch_size": patch_size, "target_mpp": target_mpp, "min_tissue_fraction": min_tissue},
+            "batch_size": batch_size,
+            "num_workers": workers,
+            "device": device,
+            "precision": precision,
+            "overwrite": overwrite,
+            "progress": progress,
+        },
+        source="medai slides extract",
+    )
+    summary = run_extraction(entries, cfg)
     table = Table(title=f"feature extraction -> {out}")
     for col in ("slide", "state", "patches", "detail"):
         table.add_column(col)
@@ -191,17 +161,19 @@ def slides_extract(
     console.print(table)
     console.print(", ".join(f"{k}: {v}" for k, v in sorted(summary["counts"].items())))
     if summary["counts"].get("failed"):
-        raise typer.Exit(2)
+        raise typer.Exit(1)
 
 
 @app.command("heatmap")
 def slides_heatmap(
-    slide: Path = typer.Argument(..., help="Slide file or DICOM folder."),
+    slide: Path = typer.Argument(..., exists=True, help="Slide file or DICOM folder."),
     features_h5: Path = typer.Argument(
-        ..., help="Features or coords HDF5 of this slide (gives coords and patch size)."
+        ..., exists=True, dir_okay=False, help="Features or coords HDF5 of this slide (gives coords and patch size)."
     ),
     scores: Path = typer.Argument(
         ...,
+        exists=True,
+        dir_okay=False,
         help="Scores per patch: .npy, .npz (`medai mil attention` output: slide_scores + coords) or HDF5.",
     ),
     out_prefix: Path = typer.Option(
@@ -218,27 +190,22 @@ def slides_heatmap(
     """Render per-patch scores as a smooth overlay on the thumbnail and a full-resolution region."""
     import numpy as np
 
-    from medai.errors import MedaiError
+    from medai.errors import InputFileError, MedaiError
     from medai.io.patch_h5 import read_coords_h5
     from medai.io.wsi import open_slide
     from medai.results.heatmap import load_scores, render_heatmap
 
+    coords, attrs = read_coords_h5(features_h5)
     try:
-        coords, attrs = read_coords_h5(features_h5)
         values, score_coords = load_scores(scores, key)
         if score_coords is not None and not np.array_equal(score_coords, coords):
-            raise ValueError(f"{scores}: its coords differ from those in {features_h5}")
+            raise InputFileError(scores, f"its coords differ from those in {features_h5}")
         with open_slide(slide, mpp=mpp) as handle:
             files = render_heatmap(
-                handle,
-                coords,
-                values,
-                int(attrs["patch_size_level0"]),
-                out_prefix,
-                label=label,
-                normalize=normalize,
+                handle, coords, values, int(attrs["patch_size_level0"]), out_prefix, label=label, normalize=normalize
             )
-    except (MedaiError, ValueError, KeyError, OSError) as exc:
-        _fail(exc)
+    except (ValueError, KeyError) as exc:
+        # The scores reader and the renderer name the file and array in their messages: bad input, exit 2.
+        raise MedaiError(exc.args[0]) from exc
     for kind, path in files.items():
         console.print(f"{kind}: {path}")

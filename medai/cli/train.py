@@ -8,12 +8,14 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from medai.cli.options import override_option
+
 console = Console()
 
 
 def finetune(
-    config: Path = typer.Argument(..., help="YAML training config (see configs/)."),
-    override: list[str] = typer.Option([], "--override", "-o", help="key.sub=value, repeatable."),
+    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="YAML training config (see configs/)."),
+    override: list[str] = override_option("Config key"),
     resume: Optional[bool] = typer.Option(
         None, "--resume/--no-resume", help="Require resuming / refuse an existing run (default: resume if found)."
     ),
@@ -38,11 +40,11 @@ def finetune(
 
 
 def evaluate(
-    run_dir: Path = typer.Argument(..., help="A run folder written by `medai finetune`."),
+    run_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="A run folder written by `medai finetune`."),
     split: str = typer.Option("test", help="Which split to evaluate."),
     checkpoint: str = typer.Option("best", help="best or last."),
     n_boot: int = typer.Option(1000, help="Bootstrap resamples for the CIs."),
-    compare: Optional[Path] = typer.Option(None, help="Another run: paired bootstrap of every metric."),
+    compare: Optional[Path] = typer.Option(None, exists=True, file_okay=False, help="Another run: paired bootstrap of every metric."),
 ) -> None:
     """Evaluate a run: metrics with bootstrap 95% CIs, plots, optional paired comparison."""
     from medai.pipelines.evaluate import compare_runs, evaluate_run

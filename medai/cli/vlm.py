@@ -46,10 +46,10 @@ def _with_blind(model: str, run: Optional[Path], blind_run: Optional[Path], cond
 
 @app.command("ask")
 def ask(
-    image: Path = typer.Argument(..., help="Image file (PNG/JPEG; a DICOM frame exported as an image)."),
+    image: Path = typer.Argument(..., exists=True, dir_okay=False, help="Image file (PNG/JPEG; a DICOM frame exported as an image)."),
     question: str = typer.Argument(..., help="Question in English."),
     model: str = typer.Option("vlm_lite0_smollm2", help="Registered VLM name or a local HF VLM folder."),
-    run: Optional[Path] = typer.Option(None, help="A `medai finetune` run folder of the VQA task."),
+    run: Optional[Path] = typer.Option(None, exists=True, file_okay=False, help="A `medai finetune` run folder of the VQA task."),
     max_new_tokens: int = typer.Option(64, help="Upper bound on generated tokens."),
     mitigation: str = typer.Option("none", help="none or vcd (visual contrastive decoding)."),
 ) -> None:
@@ -67,9 +67,9 @@ def ask(
 def evaluate(
     out: Path = typer.Option(Path("runs/vqa_rad_eval"), help="Output folder (resumes predictions found there)."),
     model: str = typer.Option("vlm_lite0_smollm2", help="Registered VLM name."),
-    run: Optional[Path] = typer.Option(None, help="A `medai finetune` run folder of the VQA task."),
+    run: Optional[Path] = typer.Option(None, exists=True, file_okay=False, help="A `medai finetune` run folder of the VQA task."),
     limit: Optional[int] = typer.Option(None, help="Only the first N test questions (file order)."),
-    blind_run: Optional[Path] = typer.Option(None, help="The question-only run (configs/vqa_rad_blind.yaml): "
+    blind_run: Optional[Path] = typer.Option(None, exists=True, file_okay=False, help="The question-only run (configs/vqa_rad_blind.yaml): "
                                              "adds the condition 'blind_trained'."),
     condition: list[str] = typer.Option(["image", "blank", "noise", "blind", "image+vcd"], help="Repeatable."),
     max_new_tokens: int = typer.Option(12),
@@ -93,49 +93,39 @@ def evaluate(
 def templated(
     out: Path = typer.Option(Path("runs/vqa_templated_eval"), help="Output folder for summary.json / summary.md."),
     model: str = typer.Option("vlm_lite0_smollm2", help="Registered VLM name."),
-    run: Optional[Path] = typer.Option(None, help="A `medai finetune` run folder of the VQA task."),
-    blind_run: Optional[Path] = typer.Option(None, help="The question-only run: adds the condition 'blind_trained'."),
+    run: Optional[Path] = typer.Option(None, exists=True, file_okay=False, help="A `medai finetune` run folder of the VQA task."),
+    blind_run: Optional[Path] = typer.Option(None, exists=True, file_okay=False, help="The question-only run: adds the condition 'blind_trained'."),
     per_source: int = typer.Option(40, help="Questions per source (BreastMNIST, hippocampus, DICOM, slides)."),
     condition: list[str] = typer.Option(["image", "blank", "blind"], help="Repeatable."),
     max_new_tokens: int = typer.Option(6),
     checkpoint: str = typer.Option("best", help=CHECKPOINT_HELP),
 ) -> None:
     """Templated questions with exact answers from the shared labelled data: accuracy with 95% CIs."""
-    import json
-
     from medai.io.data import data_root
     from medai.io.templated_vqa import templated_question_set
     from medai.pipelines.vqa import evaluate_templated, format_templated
 
     questions = templated_question_set(data_root(), per_source)
     vlm, blind, conditions = _with_blind(model, run, blind_run, condition, checkpoint)
-    results = evaluate_templated(vlm, questions, conditions, max_new_tokens=max_new_tokens, blind_model=blind)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(results, indent=2))
-    (out / "summary.md").write_text(format_templated(results))
+    results = evaluate_templated(vlm, questions, conditions, max_new_tokens=max_new_tokens, blind_model=blind,
+                                 out_dir=out)
     console.print(format_templated(results))
 
 
 @app.command("report")
 def report(
-    findings: Path = typer.Argument(..., help="Findings JSON: {study, modality, findings: [...]} (see pipelines/report.py)."),
+    findings: Path = typer.Argument(..., exists=True, dir_okay=False, help="Findings JSON: {study, modality, findings: [...]} (see pipelines/report.py)."),
     out: Path = typer.Option(Path("runs/report"), help="Output folder for report.txt, report.json, report_sr.dcm."),
     drafter: str = typer.Option("lm", help="lm (the VLM's language model) or template (deterministic)."),
     model: str = typer.Option("vlm_lite0_smollm2", help="Registered VLM name (drafter=lm)."),
-    dicom: Optional[Path] = typer.Option(None, help="A source DICOM instance of the study: also write an SR."),
+    dicom: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="A source DICOM instance of the study: also write an SR."),
 ) -> None:
     """Draft a report from structured findings; every finding sentence is checked and flagged if unsupported."""
-    from medai.pipelines.report import draft_report, load_findings, write_report_sr
+    from medai.pipelines.report import draft_report, load_findings, write_report
 
     study = load_findings(findings)
     vlm = _load(model, None) if drafter == "lm" else None
     result = draft_report(study, vlm, drafter)  # type: ignore[arg-type]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.txt").write_text(result.to_text())
-    (out / "report.json").write_text(result.to_json())
-    if dicom is not None:
-        import pydicom
-
-        write_report_sr(result, [pydicom.dcmread(dicom)], out / "report_sr.dcm")
+    write_report(result, out, dicom)
     console.print(result.to_text())
     console.print(f"{len(result.flagged)} flagged sentence(s); written to {out}")

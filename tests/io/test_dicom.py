@@ -524,7 +524,7 @@ def test_cli_scan_convert_info(dicom_dcmqi_path, tmp_path):
     result = runner.invoke(app, ["dicom", "info", str(dicom_dcmqi_path / "segmentations" / "ct-3slice" / "01.dcm")])
     assert result.exit_code == 0 and "decode ok" in result.output
     result = runner.invoke(app, ["dicom", "info", str(dicom_dcmqi_path / "segmentations" / "liver_seg.nrrd")])
-    assert result.exit_code == 1 and "not a DICOM file" in " ".join(result.output.split())
+    assert result.exit_code == 2 and "not a DICOM file" in " ".join(result.output.split())
 
 
 # ---------------------------------------------------------------- syntaxes the shared DICOM folder lacks

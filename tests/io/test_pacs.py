@@ -116,7 +116,7 @@ def test_cli_pacs_ping_and_push(orthanc, dicom_dcmqi_path):
     ok = runner.invoke(app, ["pacs", "ping", orthanc.dicomweb_url])
     assert ok.exit_code == 0 and "OK" in ok.output
     bad = runner.invoke(app, ["pacs", "ping", "http://127.0.0.1:9/dicom-web"])
-    assert bad.exit_code == 1 and "refused" in bad.output
+    assert bad.exit_code == 2 and "refused" in bad.output
     pushed = runner.invoke(app, ["pacs", "push", orthanc.dicomweb_url, str(dicom_dcmqi_path / "segmentations" / "ct-3slice")])
     assert pushed.exit_code == 0 and "stored 3" in pushed.output
 

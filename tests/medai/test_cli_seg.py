@@ -28,6 +28,6 @@ def test_seg_predict_writes_nifti(msd_hippocampus_path, tmp_path):
     image = msd_hippocampus_path / "images" / "hippocampus_004.nii.gz"
     out = tmp_path / "pred.nii.gz"
     result = runner.invoke(app, ["seg", "predict", str(image), "--model", "dynunet_3d", "--weights", str(weights),
-                                 "--out", str(out), "--option", "features=[4, 8, 8]"])
+                                 "--out", str(out), "-o", "features=[4, 8, 8]"])
     assert result.exit_code == 0, result.output
     assert nib.load(str(out)).shape == nib.load(str(image)).shape

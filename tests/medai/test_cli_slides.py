@@ -23,11 +23,11 @@ def test_slides_info_json_and_unknown_mpp(wsi_tcga_cr_7395_path, wsi_small_he_le
     )
 
 
-def test_slides_info_unsupported_file_exits_1(tmp_path):
+def test_slides_info_unsupported_file_exits_2_naming_it(tmp_path):
     bad = tmp_path / "scan.svs"
     bad.write_bytes(b"\x00" * 512)
     result = CliRunner().invoke(app, ["slides", "info", str(bad)], env={"COLUMNS": "200"})
-    assert result.exit_code == 1 and "WSIOpenError" in result.output
+    assert result.exit_code == 2 and f"error: {bad}" in result.output
 
 
 def test_slides_tissue_and_patch_write_files(tmp_path, wsi_cmu1_small_region_path):

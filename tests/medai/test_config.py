@@ -4,7 +4,14 @@ from typing import Literal
 
 import pytest
 
-from medai.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
+from medai.config import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_config,
+    parse_overrides,
+    to_dict,
+)
 
 
 @dataclass
@@ -57,8 +64,24 @@ def test_overrides_parse_yaml_values(tmp_path):
     cfg.write_text("data_path: a.npz\n")
     run = load_config(Run, cfg, ["epochs=7", "optim.lr=0.5", "tags=[a, b]"])
     assert (run.epochs, run.optim.lr, run.tags) == (7, 0.5, ["a", "b"])
-    with pytest.raises(ConfigError, match="key=value"):
+    with pytest.raises(ConfigError, match="key.sub=value"):
         apply_overrides({}, ["epochs"])
+
+
+def test_parse_overrides_nests_dotted_keys_and_reads_yaml_scalars():
+    assert parse_overrides(["a.b=1", "a.c=1e-3", "d=[4, 8]", "e=true", "f=name", "g="]) == {
+        "a": {"b": 1, "c": "1e-3"}, "d": [4, 8], "e": True, "f": "name", "g": ""
+    }
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [(["a..b=1"], "a..b"), (["=1"], "'=1'"), (["a b=1"], "a b"), (["a=[1,"], "a"), (["a=1", "a.b=2"], "a.b")],
+)
+def test_malformed_overrides_name_themselves(overrides, key):
+    with pytest.raises(ConfigError, match="--override") as err:
+        parse_overrides(overrides)
+    assert key in str(err.value)
 
 
 def test_missing_and_malformed_files_are_named(tmp_path):

@@ -100,7 +100,7 @@ def test_cli_renders_mil_attention_npz(tmp_path, wsi_cmu1_small_region_path):
     mismatch = CliRunner().invoke(
         app, [*args, "--out", str(tmp_path / "x")], env={"COLUMNS": "200"}
     )
-    assert mismatch.exit_code == 1 and "coords differ" in mismatch.output
+    assert mismatch.exit_code == 2 and "coords differ" in mismatch.output
 
 
 def test_load_scores_selects_one_branch_of_k(tmp_path):
