@@ -8,7 +8,7 @@ import pytest
 
 from medai.errors import PacsError
 from medai.io.dicom import load_series
-from medai.io.pacs import DicomWebPacs, DimsePacs, ping
+from medai.io.pacs import DicomWebPacs, DimsePacs, ping, push_paths
 from medai.results.dicom_seg import SegmentSpec, read_segmentation, segmentation_to_volume, write_segmentation
 from medai.results.dicom_sr import MeasurementGroupSpec, MeasurementSpec, measurements_from_report, write_measurement_report
 from tests.conftest import require_system_tool
@@ -148,6 +148,15 @@ def test_cli_push_deidentifies_on_export(orthanc, dicom_dcmqi_path, tmp_path):
         for keyword in ("PatientBirthDate", "InstitutionName", "ReferringPhysicianName", "AccessionNumber"):
             original = str(originals[0].get(keyword, "") or "")
             assert not original or str(ds.get(keyword, "") or "") != original, keyword
+
+
+def test_push_paths_sends_what_deidentifies_and_names_the_rest(orthanc, dicom_dcmqi_path, tmp_path):
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"DICM" + b"\x00" * 200)
+    series = dicom_dcmqi_path / "segmentations" / "ct-3slice"
+    stored, refused = push_paths(orthanc.dicomweb_url, [series, broken], deidentify_secret="k2", pseudonym="STUDY-B")
+    assert stored == 3 and [path for path, _ in refused] == [str(broken)] and refused[0][1]
+    assert len(DicomWebPacs(orthanc.dicomweb_url).search_studies(PatientID="STUDY-B")) == 1
 
 
 def test_stow_failure_is_a_pacs_error(orthanc_with_auth, dicom_dcmqi_path):
