@@ -15,7 +15,7 @@ console = Console()
 
 @app.command("scan")
 def dicom_scan(
-    folder: Path = typer.Argument(..., exists=True, help="Folder tree to index (any file names, non-DICOM files mixed in)."),
+    folder: Path = typer.Argument(..., help="Folder tree to index (any file names, non-DICOM files mixed in)."),
     as_json: bool = typer.Option(False, "--json", help="Print the index as JSON."),
 ) -> None:
     """Index studies/series under FOLDER and list every refused file with its reason (exit 0 when the scan ran)."""

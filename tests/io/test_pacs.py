@@ -154,7 +154,8 @@ def test_push_paths_sends_what_deidentifies_and_names_the_rest(orthanc, dicom_dc
     broken = tmp_path / "broken.dcm"
     broken.write_bytes(b"DICM" + b"\x00" * 200)
     series = dicom_dcmqi_path / "segmentations" / "ct-3slice"
-    stored, refused = push_paths(orthanc.dicomweb_url, [series, broken], deidentify_secret="k2", pseudonym="STUDY-B")
+    stored, refused = push_paths(orthanc.dicomweb_url, [series, broken], deidentify_secret="push-paths-test-key",
+                                 pseudonym="STUDY-B")
     assert stored == 3 and [path for path, _ in refused] == [str(broken)] and refused[0][1]
     assert len(DicomWebPacs(orthanc.dicomweb_url).search_studies(PatientID="STUDY-B")) == 1
 

@@ -34,7 +34,7 @@ MISSING_INPUT = {
     "dicom scan": [MISSING],
     "dicom convert": [MISSING, OUT],
     "dicom info": [MISSING],
-    "dicom deidentify": [MISSING, OUT, "--secret", "k"],
+    "dicom deidentify": [MISSING, OUT, "--secret", "a-key-of-16-chars+"],
     "pacs push": ["http://127.0.0.1:9/dicom-web", MISSING],
     "slides info": [MISSING],
     "slides tissue": [MISSING, OUT],
@@ -147,7 +147,7 @@ def test_deidentify_with_one_refused_file_exits_1_naming_it(tmp_path, dicom_dcmq
     source = tmp_path / "in"
     shutil.copytree(dicom_dcmqi_path / "segmentations" / "ct-3slice", source)
     (source / "broken.dcm").write_bytes(b"DICM" + b"\x00" * 200)
-    result = _invoke(["dicom", "deidentify", str(source), str(tmp_path / "out"), "--secret", "k"])
+    result = _invoke(["dicom", "deidentify", str(source), str(tmp_path / "out"), "--secret", "a-key-of-16-chars+"])
     assert result.exit_code == 1, result.output
     assert "REFUSED" in result.output and "broken.dcm" in _flat(result.output)
     assert len(list((tmp_path / "out").glob("*.dcm"))) == 3
