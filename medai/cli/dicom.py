@@ -16,7 +16,8 @@ console = Console()
 @app.command("scan")
 def dicom_scan(
     folder: Path = typer.Argument(..., help="Folder tree to index (any file names, non-DICOM files mixed in)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the index as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the index as JSON (patient name, ID and accession number redacted)."),
+    phi: bool = typer.Option(False, "--phi", help="Keep patient name, ID and accession number in the JSON."),
 ) -> None:
     """Index studies/series under FOLDER and list every refused file with its reason (exit 0 when the scan ran)."""
     import json
@@ -25,7 +26,7 @@ def dicom_scan(
 
     index = scan_folder(folder, progress=not as_json)
     if as_json:
-        typer.echo(json.dumps(index.to_dict(), indent=1, default=str))
+        typer.echo(json.dumps(index.to_dict(phi=phi), indent=1, default=str))
         return
     table = Table(title=f"{len(index.studies)} studies, {index.instance_count} instances under {folder}")
     for col in ("study", "series", "modality", "kind", "description", "instances"):
@@ -35,6 +36,9 @@ def dicom_scan(
             table.add_row(study.study_uid[-16:], series.series_uid[-16:], series.modality, series.kind,
                           series.description, str(len(series.instances)))
     console.print(table)
+    for series in index.all_series():
+        for warning in series.warnings:
+            console.print(f"[yellow]GEOMETRY[/] series {series.series_uid[-16:]} ({series.description}): {warning}")
     for dup in index.duplicates:
         console.print(f"[yellow]DUPLICATE[/] {dup.path}: {dup.reason}")
     for ref in index.refused:

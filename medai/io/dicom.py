@@ -253,6 +253,8 @@ class InstanceRecord:
     rows: int | None
     columns: int | None
     transfer_syntax: str
+    position_mm: list[float] | None = None  # Image Position (Patient), LPS
+    orientation: list[float] | None = None  # Image Orientation (Patient)
 
 
 @dataclass
@@ -266,6 +268,7 @@ class SeriesRecord:
     series_number: int | None
     kind: str
     instances: list[InstanceRecord] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # duplicated or shifted slices, found by scan
 
     @property
     def paths(self) -> list[Path]:
@@ -334,9 +337,14 @@ class DicomIndex:
         """Number of instances indexed."""
         return sum(len(s.instances) for s in self.all_series())
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of the whole index."""
-        return asdict(self)
+    def to_dict(self, *, phi: bool = False) -> dict[str, Any]:
+        """JSON-ready dict of the whole index; patient name, ID and accession number blanked unless `phi`."""
+        data = asdict(self)
+        if not phi:
+            for study in data["studies"].values():
+                for key in ("patient_id", "patient_name", "accession_number"):
+                    study[key] = "<redacted>" if study[key] else ""
+        return data
 
 
 def _text(ds, keyword: str) -> str:
@@ -397,11 +405,39 @@ def scan_folder(root: str | Path, *, progress: bool = False) -> DicomIndex:
             )
             continue
         series.instances.append(record)
+    for series in index.all_series():
+        series.warnings = series_geometry_warnings(series)
     log.info(
         "scanned %d files: %d instances, %d duplicate copies, %d refused",
         index.files_seen, index.instance_count, len(index.duplicates), len(index.refused),
     )
     return index
+
+
+def series_geometry_warnings(series: SeriesRecord, *, tolerance: float = 0.1) -> list[str]:
+    """Say where a single-frame image series repeats a slice position or breaks its spacing (a shifted or missing slice)."""
+    placed = [i for i in series.instances if i.position_mm and i.orientation and i.number_of_frames == 1]
+    if series.kind != "image" or len(placed) < 3:
+        return []
+    row, col = np.array(placed[0].orientation[:3]), np.array(placed[0].orientation[3:])
+    normal = np.cross(row, col)
+    dist = np.array([np.dot(i.position_mm, normal) for i in placed])
+    order = np.argsort(dist, kind="stable")
+    names = [Path(placed[k].path).name for k in order]
+    steps = np.diff(dist[order])
+    same = np.flatnonzero(steps < DUPLICATE_TOLERANCE_MM)
+    warnings = [f"{names[k]} and {names[k + 1]} share one position ({dist[order][k]:.2f} mm): a duplicated slice, "
+                "or echoes / time points / stacks in one series" for k in same[:3]]
+    if same.size > 3:
+        warnings.append(f"{same.size - 3} more shared positions")
+    regular = steps[steps >= DUPLICATE_TOLERANCE_MM]
+    if regular.size:
+        spacing = float(np.median(regular))
+        for k in np.flatnonzero(steps >= DUPLICATE_TOLERANCE_MM):
+            if abs(steps[k] - spacing) > tolerance * spacing:
+                warnings.append(f"spacing {steps[k]:.2f} mm between {names[k]} and {names[k + 1]} where the series has "
+                                f"{spacing:.2f} mm: a shifted or missing slice")
+    return warnings
 
 
 def _index_entry(ds, path: Path):
@@ -425,6 +461,8 @@ def _index_entry(ds, path: Path):
         rows=_int_or_none(ds.get("Rows")),
         columns=_int_or_none(ds.get("Columns")),
         transfer_syntax=ts,
+        position_mm=[float(v) for v in ds.ImagePositionPatient] if ds.get("ImagePositionPatient") else None,
+        orientation=[float(v) for v in ds.ImageOrientationPatient] if ds.get("ImageOrientationPatient") else None,
     )
     study = dict(
         study_uid=str(ds.StudyInstanceUID),
@@ -735,8 +773,11 @@ def load_series(
                 raise DicomNotImageError(path, sop_class_name(str(ds.SOPClassUID)))
             _check_image_attributes(ds, path)
         except DicomError as exc:
-            # In a folder, files that are not DICOM at all (notes, NIfTI, ...) are expected: record, go on.
+            # In a folder, files that are not DICOM at all (notes, NIfTI, ...) are expected: record, go on;
+            # so is a broken file of another series when one series was asked for.
             foreign = from_folder and isinstance(exc, DicomReadError) and exc.reason.startswith("not a DICOM file")
+            if series_uid is not None and not foreign:
+                foreign = _series_uid_of_broken_file(path) not in (series_uid, None)
             if on_file_error == "raise" and not foreign:
                 raise
             failures.append(RefusedFile(str(path), type(exc).__name__, exc.reason))
@@ -755,6 +796,15 @@ def load_series(
         counts = ", ".join(f"{uid} ({len(p)} files)" for uid, p in by_series.items())
         raise DicomSeriesError(label, f"{len(by_series)} series found; pass series_uid= one of: {counts}")
     return _assemble_volume([(p, datasets[p]) for p in chosen], label, strict, on_file_error, failures)
+
+
+def _series_uid_of_broken_file(path: str | Path) -> str | None:
+    """The Series Instance UID of a file that failed to load, when its header still says it; else None."""
+    try:
+        ds = _pydicom().dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"], force=True)
+        return str(ds.SeriesInstanceUID) if ds.get("SeriesInstanceUID") else None
+    except Exception:  # any parse failure means: cannot tell
+        return None
 
 
 def is_mosaic(ds) -> bool:
@@ -925,10 +975,14 @@ def _order_frames(frames: list[FrameGeometry], label, strict: bool, warnings: li
     steps = np.diff(dist)
     dup = np.flatnonzero(steps < DUPLICATE_TOLERANCE_MM)
     if dup.size:
+        first = dup[0]
+        where = f"{Path(frames[first].path).name}" + (f" frame {frames[first].frame}" if frames[first].frame else "")
+        twin = f"{Path(frames[first + 1].path).name}" + (f" frame {frames[first + 1].frame}" if frames[first + 1].frame else "")
         raise DicomSeriesError(
             label,
-            f"{dup.size} slice position(s) occur more than once (e.g. at {dist[dup[0]]:.2f} mm along the normal): "
-            "several echoes, time points or stacks share this series; split it (EchoNumbers, TemporalPositionIdentifier, StackID)",
+            f"{dup.size} slice position(s) occur more than once (e.g. {where} and {twin} both at "
+            f"{dist[first]:.2f} mm along the normal): a copied slice, or several echoes, time points or stacks in one "
+            "series; remove the copy or split the series (EchoNumbers, TemporalPositionIdentifier, StackID)",
         )
     col_spacing, row_spacing = float(spacing_2d[1]), float(spacing_2d[0])
     affine = np.eye(4)

@@ -622,3 +622,62 @@ def test_cli_on_missing_folder_prints_one_line_and_exits_2(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "no such file or folder" in out.stderr
+
+
+def _copy_crop_series(src, dest):
+    dest.mkdir()
+    for path in sorted(src.glob("*.dcm")):
+        shutil.copy(path, dest / path.name)
+    return sorted(dest.glob("*.dcm"), key=lambda p: int(p.stem) if p.stem.isdigit() else 0)
+
+
+def test_scan_flags_a_duplicated_and_a_shifted_slice_naming_the_files(dicom_brain_tumor_progression_path, tmp_path):
+    import pydicom
+
+    from medai.io.dicom import scan_folder
+
+    files = _copy_crop_series(dicom_brain_tumor_progression_path / "Study1" / "13_HCropVolume", tmp_path / "s")
+    assert scan_folder(tmp_path / "s").all_series()[0].warnings == []
+    dup = pydicom.dcmread(files[3])
+    dup.SOPInstanceUID = pydicom.uid.generate_uid()  # a second instance at slice 4's position
+    dup.save_as(tmp_path / "s" / "copy.dcm")
+    moved = pydicom.dcmread(files[10])
+    moved.ImagePositionPatient = [float(v) for v in moved.ImagePositionPatient[:2]] + [float(moved.ImagePositionPatient[2]) + 0.5]
+    moved.save_as(files[10])
+    warnings = scan_folder(tmp_path / "s").all_series()[0].warnings
+    assert any("copy.dcm" in w and files[3].name in w and "share one position" in w for w in warnings), warnings
+    assert any(files[10].name in w and "shifted or missing" in w for w in warnings), warnings
+
+
+def test_convert_names_the_duplicated_files_and_ignores_broken_files_of_other_series(dicom_brain_tumor_progression_path, tmp_path):
+    import pydicom
+
+    from medai.errors import DicomSeriesError
+    from medai.io.dicom import load_series
+
+    files = _copy_crop_series(dicom_brain_tumor_progression_path / "Study1" / "13_HCropVolume", tmp_path / "s")
+    uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    other = sorted((dicom_brain_tumor_progression_path / "Study1" / "12-T1post-05670").glob("*.dcm"))[0]
+    (tmp_path / "s" / "other_truncated.dcm").write_bytes(other.read_bytes()[: other.stat().st_size // 2])
+    volume = load_series(tmp_path / "s", series_uid=uid)  # the broken file belongs to another series
+    assert volume.array.shape[2] == len(files)
+    dup = pydicom.dcmread(files[3])
+    dup.SOPInstanceUID = pydicom.uid.generate_uid()
+    dup.save_as(tmp_path / "s" / "copy.dcm")
+    with pytest.raises(DicomSeriesError, match="copy.dcm"):
+        load_series(tmp_path / "s", series_uid=uid)
+
+
+def test_scan_json_redacts_patient_fields_unless_phi(dicom_brain_tumor_progression_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from medai.cli import app
+
+    folder = dicom_brain_tumor_progression_path / "Study1" / "13_HCropVolume"
+    redacted = json.loads(CliRunner().invoke(app, ["dicom", "scan", str(folder), "--json"]).stdout)
+    study = next(iter(redacted["studies"].values()))
+    assert study["patient_id"] in ("<redacted>", "") and study["patient_name"] in ("<redacted>", "")
+    kept = json.loads(CliRunner().invoke(app, ["dicom", "scan", str(folder), "--json", "--phi"]).stdout)
+    assert next(iter(kept["studies"].values()))["patient_id"] not in ("<redacted>",)
