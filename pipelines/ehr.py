@@ -396,8 +396,8 @@ def load_experiment_config(path: str | Path, overrides: Sequence[str] = ()) -> E
 
 def _train_config(cfg: EHRExperimentConfig, task: str, spec: NeuralModelSpec, stage: StageSpec, run_name: str,
                   pretrained: str | None, monitor: str, mode: str, options: dict[str, Any]):
-    from medai.pipelines.finetune import (DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig,
-                                    TrainerConfig)
+    from medai.pipelines.train_config import (DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig,
+                                              TrainerConfig)
 
     return TrainConfig(
         task=task,

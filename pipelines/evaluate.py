@@ -3,7 +3,8 @@
 `medai evaluate RUN_DIR` reloads the run's resolved config and best checkpoint, predicts the
 split, and writes `eval_<split>.json`, `eval_<split>.md`, `predictions_<split>.npz` and, for
 classification, ROC / confusion-matrix / reliability PNGs. `--compare OTHER_RUN` adds a paired
-bootstrap of every metric on the same items.
+bootstrap of every metric on the same items. `pipelines.finetune.finetune` calls `evaluate_run`
+on a run it has just trained; nothing here imports the engine.
 """
 
 from __future__ import annotations
@@ -19,18 +20,19 @@ from torch import nn
 
 from medai.config import from_dict
 from medai.errors import CheckpointError, MedaiError
+from medai.pipelines.batching import EpochSampler, move_to
+from medai.pipelines.lora import apply_lora
 from medai.pipelines.metrics import bootstrap_ci, paired_bootstrap
 from medai.pipelines.tasks import Task, TaskData, get_task
+from medai.pipelines.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
 def load_run(run_dir: Path, checkpoint: str = "best") -> tuple[Any, Task, TaskData, nn.Module]:
     """Rebuild a run's task, data and model with the checkpoint's weights."""
-    from medai.pipelines.checkpointing import load_model_state, run_weights
-    from medai.pipelines.finetune import TrainConfig, apply_lora
-
     from medai.config import read_yaml
+    from medai.pipelines.checkpointing import load_model_state, run_weights
 
     cfg_path = run_dir / "config.yaml"
     cfg = from_dict(TrainConfig, read_yaml(cfg_path), source=cfg_path)
@@ -51,7 +53,6 @@ def load_run(run_dir: Path, checkpoint: str = "best") -> tuple[Any, Task, TaskDa
 @torch.no_grad()
 def predict_split(task: Task, model: nn.Module, data: TaskData, split: str, batch_size: int = 64) -> dict[str, np.ndarray]:
     """Run the task's predict over a whole split, in order."""
-    from medai.pipelines.finetune import EpochSampler, move_to
     from torch.utils.data import DataLoader
 
     if split not in data.datasets:

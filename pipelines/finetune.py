@@ -1,12 +1,15 @@
 """The fine-tuning engine every model trains through (`medai finetune CONFIG.yaml`).
 
 One loop for all tasks (classification, segmentation, MIL, sequences, vision-language): the task
-plug-in (`pipelines.tasks`) supplies data, model, loss, predictions and metrics; this module
-supplies devices and processes (Hugging Face accelerate: one CPU, one GPU, or
-`accelerate launch` / `torchrun` across processes), precision, accumulation, clipping, EMA,
-schedules, non-finite guards, early stopping, safetensors checkpoints with exact resume,
-progress bars, metric logs and curves. Equal-time comparisons (`trainer.time_budget_minutes`)
+plug-in (`pipelines.tasks`) supplies data, model, loss, predictions and metrics; the run's
+settings are `pipelines.train_config.TrainConfig`; this module supplies devices and processes
+(Hugging Face accelerate: one CPU, one GPU, or `accelerate launch` / `torchrun` across processes),
+precision, accumulation, clipping, EMA, schedules, non-finite guards, early stopping, safetensors
+checkpoints with exact resume, progress bars, metric logs and curves. Equal-time comparisons (`trainer.time_budget_minutes`)
 calibrate each run's step count on its first steps, so the run stays deterministic afterwards.
+
+`Trainer.fit()` trains and returns; `finetune()` composes a run: train, then score the best
+checkpoint on the held-out split with `pipelines.evaluate.evaluate_run`.
 
 Exact resume: the sampler's order and each item's augmentation are functions of
 (seed, epoch, index), and every optimizer step boundary can be checkpointed with the RNG states,
@@ -26,229 +29,30 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
 
-from medai.config import ConfigError, from_dict, load_config, save_config, to_dict
+from medai.config import ConfigError, from_dict, save_config, to_dict
 from medai.errors import MedaiError
 from medai.utils import repo_root, seed_everything
 from medai.pipelines import checkpointing as ckpt
+from medai.pipelines.batching import EpochSampler, make_loader, move_to
+from medai.pipelines.evaluate import evaluate_run
+from medai.pipelines.lora import apply_lora, in_module
 from medai.pipelines.tasks import Task, TaskData, get_task
+from medai.pipelines.train_config import OptimConfig, ScheduleConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------- config
-
-
-@dataclass
-class LoraConfig:
-    """Parameter-efficient fine-tuning with peft's LoRA on the named modules."""
-
-    enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=list)
-    # modules trained in full beside the adapters (e.g. a new classifier head), as peft copies
-    modules_to_save: list[str] = field(default_factory=list)
-    # modules trained in place beside the adapters, without a peft copy: for one the model calls
-    # through methods other than forward (a VLM's vision encoder, called via forward_features)
-    unfreeze: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ModelConfig:
-    """Which registered model to build and how."""
-
-    name: str
-    pretrained: str | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-
-
-@dataclass
-class DataConfig:
-    """Where the data is and how it is batched; `options` are validated by the task."""
-
-    path: Path
-    batch_size: int = 32
-    eval_batch_size: int | None = None
-    num_workers: int = 0
-    balanced_sampling: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def eval_batch(self) -> int:
-        """Batch size for validation and test (eval_batch_size, else the training batch size)."""
-        return self.eval_batch_size or self.batch_size
-
-
-@dataclass
-class OptimConfig:
-    """Optimizer settings (AdamW by default; no weight decay on biases and norms)."""
-
-    name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    momentum: float = 0.9
-    # learning-rate multipliers by module name, e.g. {backbone: 0.25}: a parameter whose dotted name
-    # holds that module name trains at lr * scale (the first match wins)
-    lr_scale: dict[str, float] = field(default_factory=dict)
-
-
-def _in_module(param_name: str, module: str) -> bool:
-    """True if `param_name` lies in a module named `module` (a name or a dotted path at any depth)."""
-    return f".{module}." in f".{param_name}"
-
-
-@dataclass
-class ScheduleConfig:
-    """Learning-rate schedule over optimizer steps: linear warmup then cosine/linear/constant."""
-
-    name: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    min_lr_ratio: float = 0.0
-
-
-@dataclass
-class TrainerConfig:
-    """Loop settings."""
-
-    epochs: int = 10
-    max_steps: int | None = None  # stop after this many optimizer steps (all epochs)
-    # Equal-time comparisons: after `budget_calibration_steps` steps the median step time fixes the
-    # run's step count to fit this budget (then the run is deterministic and resumes exactly).
-    time_budget_minutes: float | None = None
-    budget_calibration_steps: int = 20
-    eval_every_epochs: int = 1  # validate every N epochs and always after the last one
-    limit_train_batches: int | None = None  # use only the first N batches of each epoch (quick checks)
-    grad_accum: int = 1
-    precision: Literal["auto", "no", "fp16", "bf16"] = "no"
-    clip_grad_norm: float | None = 1.0
-    ema_decay: float | None = None
-    monitor: str | None = None  # e.g. val_auroc; default: the task's
-    monitor_mode: Literal["max", "min"] | None = None
-    early_stopping_patience: int | None = None  # epochs without improvement
-    save_every_steps: int | None = None  # resumable checkpoint every N optimizer steps (+ each epoch end)
-    deterministic: bool = True
-    max_nonfinite_steps: int = 10  # stop after this many skipped non-finite losses/gradients
-    log_every_steps: int = 10
-    tensorboard: bool = False
-    n_boot: int = 1000  # bootstrap resamples for the test-set CIs
-    evaluate_test: bool = True
-    evaluate_split: str = "test"  # split scored with CIs at the end ("val" where a set has no test split)
-
-
-@dataclass
-class TrainConfig:
-    """A whole fine-tuning run."""
-
-    task: str
-    model: ModelConfig
-    data: DataConfig
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    seed: int = 0
-    output_dir: Path = Path("runs")
-    run_name: str | None = None
-
-
 class TrainingError(MedaiError, RuntimeError):
     """Training cannot continue (non-finite losses past the limit, config changed on resume...)."""
-
-
-def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Load and validate a training config; the task's `data.options` are checked too.
-
-    `${MEDAI_DATA}` in `data.path` stands for the shared data root (medai.io.data.data_root()).
-    """
-    from medai.io.data import data_root
-
-    cfg = load_config(TrainConfig, path, overrides)
-    if "${MEDAI_DATA}" in str(cfg.data.path):
-        cfg.data.path = Path(str(cfg.data.path).replace("${MEDAI_DATA}", str(data_root())))
-    task = get_task(cfg.task)
-    if task.options_cls is not None:
-        from_dict(task.options_cls, cfg.data.options, source=path, prefix="data.options")
-    if not Path(cfg.data.path).exists():
-        raise ConfigError(f"data path does not exist: {cfg.data.path}", path, "data.path")
-    return cfg
-
-
-# --------------------------------------------------------------------------- sampling
-
-
-class EpochSampler(Sampler[list[int]]):
-    """Batches of indices drawn from (seed, epoch): shuffled, or class-balanced with replacement.
-
-    Each process takes every world_size-th batch, so replicas see disjoint data; `start_batch`
-    skips batches already trained on before a resume.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True,
-                 weights: np.ndarray | None = None, rank: int = 0, world_size: int = 1,
-                 limit_batches: int | None = None):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.limit_batches = limit_batches
-        self.shuffle, self.weights = shuffle, weights
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch's draw and how many of this process's batches to skip."""
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def all_batches(self) -> list[list[int]]:
-        """This process's batches for the current epoch."""
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        if self.weights is not None:
-            w = torch.as_tensor(self.weights, dtype=torch.double)
-            order = torch.multinomial(w, self.n, replacement=True, generator=g).tolist()
-        elif self.shuffle:
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        batches = [order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
-        usable = len(batches) - len(batches) % self.world_size if self.world_size > 1 else len(batches)
-        mine = batches[:usable][self.rank::self.world_size]
-        return mine[: self.limit_batches] if self.limit_batches else mine
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.all_batches()[self.start_batch:])
-
-    def __len__(self) -> int:
-        return max(0, len(self.all_batches()) - self.start_batch)
-
-
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    import random
-
-    random.seed(seed)
-
-
-def make_loader(dataset: Dataset, batch_sampler: Sampler, cfg: DataConfig, collate_fn: Any, seed: int) -> DataLoader:
-    """DataLoader over a batch sampler with seeded workers."""
-    return DataLoader(
-        dataset,
-        batch_sampler=batch_sampler,
-        num_workers=cfg.num_workers,
-        collate_fn=collate_fn,
-        worker_init_fn=_seed_worker,
-        generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False,
-    )
 
 
 # --------------------------------------------------------------------------- pieces
@@ -263,7 +67,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
             continue
         scale = 1.0
         for module, value in cfg.lr_scale.items():
-            if _in_module(name, module):
+            if in_module(name, module):
                 scale = value
                 matched.add(module)
                 break
@@ -295,37 +99,6 @@ def lr_lambda(cfg: ScheduleConfig, total_steps: int):
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
     return factor
-
-
-def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
-    """Wrap `model` with peft LoRA adapters on the configured modules."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    if not cfg.target_modules:
-        raise ConfigError("LoRA is enabled but model.lora.target_modules is empty", key="model.lora.target_modules")
-    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=cfg.target_modules, modules_to_save=cfg.modules_to_save or None)
-    wrapped = get_peft_model(model, peft_cfg)
-    for module in cfg.unfreeze:
-        params = [p for name, p in wrapped.named_parameters() if _in_module(name, module)]
-        if not params:
-            raise ConfigError(f"model.lora.unfreeze names no module of {type(model).__name__}: {module}",
-                              key="model.lora.unfreeze")
-        for p in params:
-            p.requires_grad_(True)
-    return wrapped
-
-
-def move_to(batch: Any, device: torch.device) -> Any:
-    """Move tensors inside nested lists/tuples/dicts to `device`."""
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to(v, device) for v in batch)
-    return batch
 
 
 def parameter_digest(model: nn.Module) -> str:
@@ -389,7 +162,7 @@ def write_json(path: Path, data: Any) -> None:
 
 @dataclass
 class RunResult:
-    """Where a run wrote its outputs and what it measured."""
+    """Where a run wrote its outputs and what it measured (`test_report`: filled in by `finetune()`)."""
 
     run_dir: Path
     best_metric: float | None
@@ -403,7 +176,7 @@ class _Stop(Exception):
 
 
 class Trainer:
-    """One run of the engine (construct, then `fit()`)."""
+    """One run of the engine (construct, then `fit()`); it trains and checkpoints, evaluation is the caller's."""
 
     def __init__(self, cfg: TrainConfig, resume: Literal["auto", "never", "must"] = "auto"):
         from accelerate import Accelerator
@@ -426,6 +199,7 @@ class Trainer:
         self.run_dir = Path(cfg.output_dir) / name
         self.ckpt_dir = self.run_dir / "checkpoints"
         self._stop_signal: int | None = None
+        self.trained = False  # whether this fit() ran the loop to its end (not a finished run found again)
 
     # -- setup -----------------------------------------------------------------
 
@@ -570,7 +344,7 @@ class Trainer:
 
     def _evaluate(self, split: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         dataset = self.data.datasets[split]
-        eval_model = self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
+        eval_model = self.evaluation_model()
         was_training = eval_model.training
         eval_model.eval()
         bs = self.cfg.data.eval_batch
@@ -594,6 +368,10 @@ class Trainer:
         metrics[f"{split}_loss"] = sum(l * n for l, n in losses) / max(total, 1)
         return metrics, preds
 
+    def evaluation_model(self) -> nn.Module:
+        """The module validation scores and `best` saves: the EMA copy when one is kept, else the model."""
+        return self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
+
     def _improved(self, value: float) -> bool:
         best = self.state["best_metric"]
         if value is None or not math.isfinite(value):
@@ -604,7 +382,7 @@ class Trainer:
         self._stop_signal = signum
 
     def fit(self) -> RunResult:
-        """Train (or resume), keep best/last checkpoints, evaluate on test; return the result."""
+        """Train (or resume) and keep best/last checkpoints; return the result, without a test report."""
         cfg, t = self.cfg, self.cfg.trainer
         self._setup()
         resumed = self._try_resume() if self.resume_mode != "never" or self.ckpt_dir.exists() else False
@@ -645,6 +423,7 @@ class Trainer:
             if tb is not None:
                 tb.close()
         self._finish()
+        self.trained = True
         return self._result()
 
     def _loop(self, tb: Any) -> None:
@@ -671,7 +450,7 @@ class Trainer:
             for i, batch in enumerate(loader, start=start):
                 batch = move_to(batch, self.accelerator.device)
                 boundary = (i + 1) % t.grad_accum == 0 or i + 1 == n_batches
-                sync = self.accelerator.no_sync(model) if not boundary else _nullcontext()
+                sync = self.accelerator.no_sync(model) if not boundary else nullcontext()
                 with sync:
                     with self.accelerator.autocast():
                         loss, logs = self.task.loss(model, batch)
@@ -777,7 +556,6 @@ class Trainer:
         log.info("epoch %d: %s", record["epoch"], shown)
 
     def _finish(self) -> None:
-        t = self.cfg.trainer
         self.accelerator.wait_for_everyone()
         model = self.accelerator.unwrap_model(self.model)
         digest = parameter_digest(model)
@@ -791,33 +569,14 @@ class Trainer:
                                                             "identical": len(set(digests)) == 1})
             if len(set(digests)) != 1:
                 raise TrainingError(f"replicas diverged: parameter digests {digests}")
-        self.test_report = None
         if self.main:
             write_json(self.run_dir / "final_digest.json", {"parameters_sha256": digest})
             plot_history(self.state["history"], self.run_dir / "curves.png", self.monitor)
-            if t.evaluate_test and t.evaluate_split in self.data.datasets and (self.ckpt_dir / "best").exists():
-                from medai.pipelines.evaluate import evaluate_run
-
-                self.test_report = evaluate_run(self.run_dir, split=t.evaluate_split, n_boot=t.n_boot, task=self.task,
-                                                data=self.data, model=self.ema.module if self.ema else model,
-                                                batch_size=self.cfg.data.eval_batch)
         self.accelerator.wait_for_everyone()
 
     def _result(self) -> RunResult:
-        report = getattr(self, "test_report", None)
-        saved = self.run_dir / f"eval_{self.cfg.trainer.evaluate_split}.json"
-        if report is None and saved.is_file():
-            report = json.loads(saved.read_text())
-        return RunResult(self.run_dir, self.state["best_metric"], self.state["best_epoch"], report,
+        return RunResult(self.run_dir, self.state["best_metric"], self.state["best_epoch"], None,
                          self.state["history"])
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _batch_len(pred: dict[str, np.ndarray]) -> int:
@@ -858,8 +617,25 @@ def plot_history(history: list[dict[str, Any]], path: Path, monitor: str) -> Non
 
 
 def finetune(cfg: TrainConfig, resume: Literal["auto", "never", "must"] = "auto") -> RunResult:
-    """Train one run of `cfg`; resume it from its last checkpoint when one exists (resume='auto')."""
-    return Trainer(cfg, resume).fit()
+    """Train one run of `cfg`, then score its best checkpoint on `trainer.evaluate_split` with bootstrap CIs.
+
+    The run resumes from its last checkpoint when one exists (resume='auto'); a run found already
+    finished keeps the report its first evaluation saved.
+    """
+    trainer = Trainer(cfg, resume)
+    result = trainer.fit()
+    t = cfg.trainer
+    if (trainer.trained and trainer.main and t.evaluate_test and t.evaluate_split in trainer.data.datasets
+            and (trainer.ckpt_dir / "best").exists()):
+        result.test_report = evaluate_run(result.run_dir, split=t.evaluate_split, n_boot=t.n_boot, task=trainer.task,
+                                          data=trainer.data, model=trainer.evaluation_model(),
+                                          batch_size=cfg.data.eval_batch)
+    # The other processes read the report the main process writes.
+    trainer.accelerator.wait_for_everyone()
+    saved = result.run_dir / f"eval_{t.evaluate_split}.json"
+    if result.test_report is None and saved.is_file():
+        result.test_report = json.loads(saved.read_text())
+    return result
 
 
 def finetune_seeds(cfg: TrainConfig, n_seeds: int, resume: Literal["auto", "never", "must"] = "auto") -> dict[str, Any]:

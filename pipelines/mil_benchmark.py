@@ -94,7 +94,7 @@ def _binary_headline(y: np.ndarray, score: np.ndarray) -> dict[str, float]:
 
 
 def _fold_config(path: Path, model: str, seed: int, fold: int, s: BenchmarkSettings, runs_dir: Path):
-    from medai.pipelines.finetune import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrainerConfig
+    from medai.pipelines.train_config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrainerConfig
 
     options = {"folds": s.folds, "fold": fold, "split_seed": seed, "standardize": s.standardize,
                "val_fraction": s.val_fraction, "max_instances": s.max_instances, **s.data_options}

@@ -56,7 +56,8 @@ def test_hippocampus_report_reads_engine_runs_and_pairs_them(msd_hippocampus_pat
     """Two tiny Task04 engine runs -> the card's table: a row per model and the paired difference."""
     import json
 
-    from medai.pipelines.finetune import finetune, load_train_config
+    from medai.pipelines.finetune import finetune
+    from medai.pipelines.train_config import load_train_config
 
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": ["hippocampus_001", "hippocampus_004"],

@@ -18,7 +18,7 @@ def demo(
     """Run the main job on the bundled defaults: preflight, BreastMNIST fine-tuning, its evaluation."""
     from medai.utils import repo_root
     from medai.pipelines.finetune import finetune as run_finetune
-    from medai.pipelines.finetune import load_train_config
+    from medai.pipelines.train_config import load_train_config
 
     from medai.cli.doctor import doctor
 

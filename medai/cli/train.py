@@ -23,7 +23,8 @@ def finetune(
 ) -> None:
     """Fine-tune a registered model on a dataset with the shared engine (resumable)."""
     from medai.pipelines.finetune import finetune as run_finetune
-    from medai.pipelines.finetune import finetune_seeds, load_train_config
+    from medai.pipelines.finetune import finetune_seeds
+    from medai.pipelines.train_config import load_train_config
 
     cfg = load_train_config(config, override)
     mode = "auto" if resume is None else ("must" if resume else "never")

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from medai.pipelines.evaluate import compare_runs, evaluate_run
-from medai.pipelines.finetune import finetune, load_train_config
+from medai.pipelines.finetune import finetune
+from medai.pipelines.train_config import load_train_config
 from medai.pipelines.metrics import bootstrap_ci, classification_metrics, paired_bootstrap
 
 

@@ -17,7 +17,8 @@ import yaml
 from safetensors.torch import load_file
 
 from medai.config import ConfigError
-from medai.pipelines.finetune import EpochSampler, finetune, load_train_config
+from medai.pipelines.finetune import finetune
+from medai.pipelines.train_config import load_train_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -67,6 +68,17 @@ def test_run_writes_traceable_outputs(tmp_path, breastmnist_path):
     # running the same command again finds the finished run instead of retraining
     again = finetune(cfg)
     assert again.best_epoch == result.best_epoch and len(again.history) == 2
+    assert again.test_report["metrics"] == report["metrics"]  # the report the first evaluation saved
+
+
+def test_trainer_trains_and_leaves_evaluation_to_the_caller(tmp_path, breastmnist_path):
+    from medai.pipelines.finetune import Trainer
+
+    cfg = load_train_config(write_config(tmp_path, breastmnist_path, epochs=1, limit_train_batches=1))
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    assert trainer.trained and (result.run_dir / "checkpoints" / "best" / "model.safetensors").is_file()
+    assert result.test_report is None and not list(result.run_dir.glob("eval_*"))
 
 
 def test_resume_refuses_a_changed_config_but_not_a_field_added_since(tmp_path, breastmnist_path):
@@ -199,22 +211,6 @@ def test_folder_of_images_with_a_labels_csv(tmp_path, breastmnist_path):
     expected = np.bincount([int(names[int(l)] == "malignant") for l in data["train_labels"][:40, 0]], minlength=2)
     assert info["class_counts_train"] == expected.tolist() and info["channels"] == 3
     assert "auroc" in result.test_report["metrics"]
-
-
-def test_epoch_sampler_is_a_function_of_seed_and_epoch():
-    a = EpochSampler(100, 8, seed=3)
-    a.set_epoch(2)
-    b = EpochSampler(100, 8, seed=3)
-    b.set_epoch(2, start_batch=5)
-    assert list(b) == list(a)[5:]
-    shards = [EpochSampler(100, 8, 3, rank=r, world_size=2) for r in (0, 1)]
-    for s in shards:
-        s.set_epoch(2)
-    seen = [i for s in shards for batch in s for i in batch]
-    assert len(seen) == len(set(seen)) == 96  # 12 full batches split across 2 ranks, no overlap
-    weighted = EpochSampler(1000, 100, 0, weights=np.r_[np.full(900, 1 / 900), np.full(100, 1 / 100)])
-    draws = np.array([i for batch in weighted for i in batch])
-    assert 0.4 < (draws >= 900).mean() < 0.6  # balanced classes despite a 9:1 ratio
 
 
 def test_seeds_report_mean_and_sd(tmp_path, breastmnist_path):

@@ -2,7 +2,8 @@
 
 import yaml
 
-from medai.pipelines.finetune import Trainer, load_train_config
+from medai.pipelines.finetune import Trainer
+from medai.pipelines.train_config import load_train_config
 
 
 def test_lora_from_config_trains_only_adapters(tmp_path, breastmnist_path):
@@ -28,7 +29,9 @@ def test_unfreeze_trains_a_module_in_place_and_lr_scale_groups_it():
 
     from medai.config import ConfigError
     from medai.models import create_model
-    from medai.pipelines.finetune import LoraConfig, OptimConfig, apply_lora, build_optimizer
+    from medai.pipelines.finetune import build_optimizer
+    from medai.pipelines.lora import apply_lora
+    from medai.pipelines.train_config import LoraConfig, OptimConfig
 
     model = apply_lora(create_model("resnet10t", num_classes=2), LoraConfig(
         enabled=True, r=4, alpha=8, target_modules=["layer1.0.conv1"], modules_to_save=["fc"], unfreeze=["layer4"]))

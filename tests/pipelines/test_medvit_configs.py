@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from medai.utils import repo_root
-from medai.pipelines.finetune import load_train_config
+from medai.pipelines.train_config import load_train_config
 
 CONFIGS = ["breastmnist_medvit_tiny.yaml", "breastmnist_efficientnet_lite0.yaml", "pneumoniamnist_medvit_tiny.yaml"]
 

@@ -32,7 +32,8 @@ def test_batches_keep_bags_unpadded():
 
 
 def test_engine_trains_and_evaluates_a_mil_fold(mil_classic_path, tmp_path):
-    from medai.pipelines.finetune import DataConfig, ModelConfig, TrainConfig, TrainerConfig, finetune
+    from medai.pipelines.finetune import finetune
+    from medai.pipelines.train_config import DataConfig, ModelConfig, TrainConfig, TrainerConfig
 
     cfg = TrainConfig(
         task="mil",

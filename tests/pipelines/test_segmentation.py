@@ -88,7 +88,7 @@ def test_evaluate_and_predict_on_real_volumes(msd_hippocampus_path, tmp_path):
 
 
 def _tiny_engine_config(msd_hippocampus_path, tmp_path, model="umamba_bot_3d", *extra):
-    from medai.pipelines.finetune import load_train_config
+    from medai.pipelines.train_config import load_train_config
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     split = tmp_path / "split.json"
@@ -145,7 +145,8 @@ def test_nifti_folder_trains_by_file_without_split_or_label_config(msd_hippocamp
     """An images/ + labels/ folder (mixed .nii and .nii.gz) needs no split file and no label names."""
     import nibabel as nib
 
-    from medai.pipelines.finetune import finetune, load_train_config
+    from medai.pipelines.finetune import finetune
+    from medai.pipelines.train_config import load_train_config
     from medai.pipelines.segmentation import discover_labels, list_cases
 
     folder = tmp_path / "task"

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from medai.pipelines.finetune import finetune, load_train_config
+from medai.pipelines.finetune import finetune
+from medai.pipelines.train_config import load_train_config
 from medai.pipelines.tasks.vqa import split_train_val
 from medai.io.vqa_rad import load_vqa_rad
 from tests.models.tiny_vlms import tiny_lm_path  # noqa: F401
@@ -74,7 +75,7 @@ def test_validation_holds_out_whole_images(vqa_rad_path):
 
 def test_augmentation_is_train_only_seeded_and_bounded(mini_vqa_rad):
     from medai.pipelines.tasks import get_task
-    from medai.pipelines.finetune import DataConfig
+    from medai.pipelines.train_config import DataConfig
 
     task = get_task("vqa", {"stage": "instruct", "image_size": 64, "val_fraction": 0.2, "augment": True})
     data = task.setup(DataConfig(path=mini_vqa_rad), seed=0)
