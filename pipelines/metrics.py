@@ -1,14 +1,24 @@
-"""Metrics from well-kept libraries (scikit-learn, torchmetrics, MONAI) with bootstrap CIs.
+"""Every metric medai reports, and the bootstrap that puts 95% CIs on them.
 
-Nothing here is hand-rolled beyond the bootstrap loop: each point metric is one library call.
+Classification and segmentation metrics are library calls (scikit-learn, torchmetrics, MONAI).
+Answer and report text scoring follows the VQA-RAD literature: closed questions by exact match
+after normalisation (for yes/no answers the first yes/no word of a free-text reply is the answer,
+since generative models say "Yes, there is ..."), open questions by exact match and by token
+recall (LLaVA-Med's "recall": the share of the reference's tokens found in the reply) and token F1;
+sentence BLEU and ROUGE-L on the same normalised tokens. One percentile bootstrap over items
+(`bootstrap_ci`) gives every CI; `mean_ci` is its form for a list of per-item scores.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+import math
+from collections import Counter
+from typing import Callable, Sequence
 
 import numpy as np
+
+from medai.io.vqa_rad import normalize_answer
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +130,21 @@ def bootstrap_ci(
     return out
 
 
+def mean_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Return (mean, 2.5th, 97.5th percentile) of per-item scores, by `bootstrap_ci` over items."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 0:
+        return (float("nan"),) * 3
+    ci = bootstrap_ci(lambda p: {"mean": float(np.mean(p["score"]))}, {"score": arr}, n_boot=n_boot, seed=seed)
+    return ci["mean"]["value"], ci["mean"]["low"], ci["mean"]["high"]
+
+
+def mean_difference_ci(a: Sequence[float], b: Sequence[float], n_boot: int = 2000,
+                       seed: int = 0) -> tuple[float, float, float]:
+    """Return mean(a - b) with a 95% CI, resampling items jointly (a and b scored on the same items)."""
+    return mean_ci(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64), n_boot, seed)
+
+
 def paired_bootstrap(
     metrics_fn: MetricsFn, preds_a: Predictions, preds_b: Predictions, n_boot: int = 1000, seed: int = 0
 ) -> dict[str, dict[str, float]]:
@@ -167,13 +192,69 @@ def segmentation_metrics(
     return {"dice": dice.numpy().tolist(), "hd95": hd95.numpy().tolist()}
 
 
-def text_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Corpus BLEU-4 and mean ROUGE-L F1 (torchmetrics), and exact-match accuracy (normalised)."""
-    from torchmetrics.functional.text import bleu_score, rouge_score
+_YES_NO = ("yes", "no")
 
-    bleu = float(bleu_score(predictions, [[r] for r in references]))
-    rouge = rouge_score(predictions, references, rouge_keys="rougeL")
-    from medai.io.vqa_rad import normalize_answer
 
-    exact = float(np.mean([normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)]))
-    return {"bleu": bleu, "rougeL_f1": float(rouge["rougeL_fmeasure"]), "exact_match": exact}
+def extract_closed_answer(prediction: str, reference_norm: str) -> str:
+    """Return the normalised answer a reply gives to a closed question (first yes/no word when relevant)."""
+    pred = normalize_answer(prediction)
+    if reference_norm in _YES_NO:
+        for word in pred.split():
+            if word in _YES_NO:
+                return word
+    return pred
+
+
+def closed_correct(prediction: str, reference_norm: str) -> bool:
+    """True when a closed-question reply matches the normalised reference exactly."""
+    return extract_closed_answer(prediction, reference_norm) == reference_norm
+
+
+def token_scores(prediction: str, reference: str) -> dict[str, float]:
+    """Return exact match, token recall, precision and F1 between normalised texts (0..1)."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    exact = float(pred == ref)
+    if not pred or not ref:
+        return {"exact": exact, "recall": float(not ref), "precision": float(not pred), "f1": exact}
+    overlap = sum((Counter(pred) & Counter(ref)).values())
+    recall, precision = overlap / len(ref), overlap / len(pred)
+    f1 = 0.0 if overlap == 0 else 2 * recall * precision / (recall + precision)
+    return {"exact": exact, "recall": recall, "precision": precision, "f1": f1}
+
+
+def bleu(prediction: str, reference: str, max_n: int = 4) -> float:
+    """Return sentence BLEU (geometric mean of 1..max_n-gram precisions, brevity penalty, +1 smoothing)."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return 0.0
+    log_p = 0.0
+    for n in range(1, max_n + 1):
+        pred_ngrams = Counter(tuple(pred[i : i + n]) for i in range(len(pred) - n + 1))
+        ref_ngrams = Counter(tuple(ref[i : i + n]) for i in range(len(ref) - n + 1))
+        matches = sum((pred_ngrams & ref_ngrams).values())
+        total = max(sum(pred_ngrams.values()), 0)
+        # Lin & Och's add-one smoothing for n > 1 keeps short answers from scoring zero outright.
+        p = (matches + (n > 1)) / (total + (n > 1)) if total + (n > 1) else 0.0
+        if p == 0:
+            return 0.0
+        log_p += math.log(p) / max_n
+    brevity = 1.0 if len(pred) >= len(ref) else math.exp(1 - len(ref) / len(pred))
+    return brevity * math.exp(log_p)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """Return ROUGE-L F1 (longest common subsequence of normalised tokens)."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return 0.0
+    prev = [0] * (len(ref) + 1)
+    for p in pred:
+        cur = [0]
+        for j, r in enumerate(ref):
+            cur.append(prev[j] + 1 if p == r else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    recall, precision = lcs / len(ref), lcs / len(pred)
+    return 2 * recall * precision / (recall + precision)

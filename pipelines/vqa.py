@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medai.io.vqa_rad import VQAItem, load_vqa_rad, majority_answers
-from medai.pipelines.text_metrics import bootstrap_ci, closed_correct, extract_closed_answer, paired_bootstrap_diff, token_scores
+from medai.pipelines.metrics import closed_correct, extract_closed_answer, mean_ci, mean_difference_ci, token_scores
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def summarise(per_item: dict[str, list[float]], n_boot: int) -> dict[str, dict[s
     """Return {metric: {value, ci_low, ci_high, n}} in percent."""
     result = {}
     for metric, values in per_item.items():
-        est, lo, hi = bootstrap_ci(values, n_boot=n_boot)
+        est, lo, hi = mean_ci(values, n_boot=n_boot)
         result[metric] = {"value": 100 * est, "ci_low": 100 * lo, "ci_high": 100 * hi, "n": len(values)}
     return result
 
@@ -209,7 +209,7 @@ def evaluate_vqa_rad(model: Any, cfg: VQAEvalConfig, blind_model: Any | None = N
     results["paired_closed_acc"] = {}
     for label, (a, b) in contrasts.items():
         if a in per_item and b in per_item:
-            est, lo, hi = paired_bootstrap_diff(per_item[a]["closed_acc"], per_item[b]["closed_acc"], cfg.n_boot)
+            est, lo, hi = mean_difference_ci(per_item[a]["closed_acc"], per_item[b]["closed_acc"], cfg.n_boot)
             results["paired_closed_acc"][label] = {"value": 100 * est, "ci_low": 100 * lo, "ci_high": 100 * hi}
     (cfg.out_dir / "summary.json").write_text(json.dumps(results, indent=2, default=str))
     (cfg.out_dir / "summary.md").write_text(format_summary(results))
@@ -259,8 +259,6 @@ def evaluate_templated(model: Any, questions: Sequence[Any], conditions: Sequenc
 
     from tqdm import tqdm
 
-    from medai.pipelines.text_metrics import closed_correct
-
     templates = sorted({q.template for q in questions})
     results: dict[str, Any] = {"n": len(questions), "templated": True, "conditions": {},
                                "n_per_template": dict(Counter(q.template for q in questions))}
@@ -284,11 +282,11 @@ def evaluate_templated(model: Any, questions: Sequence[Any], conditions: Sequenc
             correct += [float(closed_correct(g.text, q.answer)) for g, q in zip(gens, chunk)]
         per_condition[condition] = correct
     for condition, correct in per_condition.items():
-        est, lo, hi = bootstrap_ci(correct, n_boot=n_boot)
+        est, lo, hi = mean_ci(correct, n_boot=n_boot)
         entry = {"accuracy": 100 * est, "ci_low": 100 * lo, "ci_high": 100 * hi, "per_template": {}}
         for t in templates:
             values = [c for c, q in zip(correct, questions) if q.template == t]
-            est, lo, hi = bootstrap_ci(values, n_boot=n_boot)
+            est, lo, hi = mean_ci(values, n_boot=n_boot)
             entry["per_template"][t] = {"accuracy": 100 * est, "ci_low": 100 * lo, "ci_high": 100 * hi}
         results["conditions"][condition] = entry
     if out_dir is not None:

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from medai.io.vqa_rad import VQAItem, load_vqa_rad
 from medai.pipelines.tasks import Task, TaskData, item_generator, register_task
-from medai.pipelines.text_metrics import closed_correct, token_scores
+from medai.pipelines.metrics import closed_correct, token_scores
 
 
 @dataclass
