@@ -6,6 +6,9 @@ Rules (MEDAI_KERNELS = auto | triton | reference, default auto):
 - triton: the Triton kernel on any device; on CPU this needs TRITON_INTERPRET=1 set before
   the kernel modules are imported (that is how CPU tests exercise kernels);
 - reference: always the PyTorch reference.
+
+Ops are registered by `kernels/ops.py`, which imports this module; this module never imports the
+ops, so the dependency runs one way (ops -> dispatch).
 """
 
 from __future__ import annotations
@@ -119,17 +122,3 @@ def dispatch(op_name: str, device: torch.device | str) -> Callable:
     """Return the implementation of `op_name` chosen for `device`."""
     return OPS.get(op_name).load(select_backend(op_name, device))
 
-
-def backend_report(device: torch.device | str = "cpu") -> dict[str, str]:
-    """Return {op: backend or the reason none runs} for every registered op on `device`."""
-    import medai.kernels.ops  # noqa: F401  (registers the ops)
-
-    report = {}
-    for name in OPS:
-        try:
-            backend = select_backend(name, device)
-            peer = OPS.get(name).peer
-            report[name] = f"peer ({peer.partition(':')[0].split('.')[0]})" if backend == "peer" and peer else backend
-        except KernelUnavailableError as exc:
-            report[name] = f"unavailable: {exc}"
-    return report

@@ -2,17 +2,18 @@
 
 Each op is registered here with `register_op(name, reference="module:fn", triton="module:fn")`
 and exposed as a function that calls `dispatch(name, tensor.device)`. Model code calls only
-these functions, never a kernel module directly.
+these functions, never a kernel module directly. `backend_report` lives here, beside the
+registrations, so that it sees every op (dispatch never imports this module).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from medai.kernels.dispatch import OPS, dispatch, register_op, select_backend
+from medai.kernels.dispatch import OPS, KernelUnavailableError, dispatch, register_op, select_backend
 
-__all__ = ["OPS", "dispatch", "register_op", "select_backend", "selective_scan", "neighborhood_attention_2d",
-           "gated_attention_pool", "slide_attention"]
+__all__ = ["selective_scan", "neighborhood_attention_2d", "gated_attention_pool", "slide_attention", "backend_report"]
 
 
 register_op(
@@ -116,3 +117,16 @@ def slide_attention(
     return dispatch("slide_attention", q.device)(
         q, k, v, coords, segment_length, dilation, window_radius, key_padding_mask, scale
     )
+
+
+def backend_report(device: torch.device | str = "cpu") -> dict[str, str]:
+    """Return {op: backend or the reason none runs} for every registered op on `device`."""
+    report = {}
+    for name in OPS:
+        try:
+            backend = select_backend(name, device)
+            peer = OPS.get(name).peer
+            report[name] = f"peer ({peer.partition(':')[0].split('.')[0]})" if backend == "peer" and peer else backend
+        except KernelUnavailableError as exc:
+            report[name] = f"unavailable: {exc}"
+    return report

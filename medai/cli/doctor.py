@@ -72,7 +72,8 @@ def run_doctor() -> DoctorReport:
     """Collect the preflight report (imports torch; takes a second or two)."""
     import torch
 
-    from medai.kernels.dispatch import backend_report, kernel_mode, triton_interpreting
+    from medai.kernels.dispatch import kernel_mode, triton_interpreting
+    from medai.kernels.ops import backend_report
     from medai.io.data import data_root
     from medai.weights import PACKAGED
 

@@ -105,7 +105,7 @@ def test_installed_peer_wins_on_cuda_in_auto_mode_only(monkeypatch, op, mode, de
 def test_report_names_the_peer_package(monkeypatch):
     import json
 
-    from medai.kernels.dispatch import backend_report
+    from medai.kernels.ops import backend_report
 
     monkeypatch.setenv("MEDAI_KERNELS", "auto")
     report = backend_report("cuda")
