@@ -60,13 +60,12 @@ def register_model(
 
 
 def _import_families() -> None:
-    # Importing a family module registers its variants; every module in models/ is a family.
+    # Importing a family module registers its variants; every module in models/ is a family. The
+    # folder is this file's: importing medai.models for its __path__ would be an import circle.
     import importlib
     import pkgutil
 
-    import medai.models
-
-    for info in pkgutil.iter_modules(medai.models.__path__):
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if not info.name.startswith("_") and info.name not in ("registry", "layers"):
             importlib.import_module(f"medai.models.{info.name}")
 
