@@ -251,7 +251,7 @@ def evaluate_templated(model: Any, questions: Sequence[Any], conditions: Sequenc
                        batch_size: int = 8, max_new_tokens: int = 6, max_time_s: float = 900.0,
                        n_boot: int = 2000, blind_model: Any | None = None,
                        out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Exact-match accuracy (95% CI) on templated questions (medai.io.templated_vqa) per condition and template.
+    """Exact-match accuracy (95% CI) on templated questions (medai.pipelines.templated_vqa) per condition and template.
 
     With `out_dir`, also writes summary.json and summary.md (format_templated) there.
     """

@@ -102,7 +102,7 @@ def templated(
 ) -> None:
     """Templated questions with exact answers from the shared labelled data: accuracy with 95% CIs."""
     from medai.io.data import data_root
-    from medai.io.templated_vqa import templated_question_set
+    from medai.pipelines.templated_vqa import templated_question_set
     from medai.pipelines.vqa import evaluate_templated, format_templated
 
     questions = templated_question_set(data_root(), per_source)

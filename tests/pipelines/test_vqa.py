@@ -50,7 +50,7 @@ def test_evaluation_job_runs_all_conditions_and_resumes(tiny_vlm, vqa_rad_path, 
 def test_templated_evaluation_scores_each_condition(tiny_vlm, breastmnist_path, tmp_path):
     import itertools
 
-    from medai.io.templated_vqa import breastmnist_questions
+    from medai.pipelines.templated_vqa import breastmnist_questions
     from medai.pipelines.vqa import evaluate_templated
 
     questions = list(itertools.islice(breastmnist_questions(breastmnist_path), 4))

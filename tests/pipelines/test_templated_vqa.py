@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pydicom
 
-from medai.io.templated_vqa import breastmnist_questions, dicom_questions, hippocampus_questions, plane_from_orientation
+from medai.pipelines.templated_vqa import breastmnist_questions, dicom_questions, hippocampus_questions, plane_from_orientation
 
 
 def test_breastmnist_answers_follow_labels(breastmnist_path):
@@ -38,7 +38,7 @@ def test_dicom_modality_and_plane(dicom_brain_tumor_progression_path):
 
 
 def test_slide_tissue_questions_follow_the_tissue_mask(wsi_cmu1_small_region_path):
-    from medai.io.templated_vqa import slide_tissue_questions
+    from medai.pipelines.templated_vqa import slide_tissue_questions
     from medai.io.wsi import open_slide
     from medai.transforms.tissue import TissueConfig, detect_tissue
 
