@@ -111,6 +111,16 @@ class TrainerConfig:
     evaluate_test: bool = True
     evaluate_split: str = "test"  # split scored with CIs at the end ("val" where a set has no test split)
 
+    def __post_init__(self) -> None:
+        # A run with no step would exit 0 leaving a run folder with no checkpoint in it.
+        for name in ("epochs", "grad_accum", "eval_every_epochs", "budget_calibration_steps", "log_every_steps",
+                     "max_steps", "limit_train_batches", "save_every_steps", "early_stopping_patience", "n_boot"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"trainer.{name} must be at least 1, got {value}")
+        if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
+            raise ValueError(f"trainer.time_budget_minutes must be positive, got {self.time_budget_minutes}")
+
 
 @dataclass
 class TrainConfig:

@@ -165,6 +165,17 @@ def test_malformed_config_names_key_and_file(tmp_path, breastmnist_path):
     assert out.returncode != 0 and "trainer.epoch" in (out.stdout + out.stderr)
 
 
+@pytest.mark.parametrize("override", ["trainer.epochs=0", "trainer.epochs=-2", "trainer.grad_accum=0",
+                                      "trainer.time_budget_minutes=0"])
+def test_a_run_that_could_not_take_a_step_is_refused(tmp_path, breastmnist_path, override):
+    path = write_config(tmp_path, breastmnist_path)
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_train_config(path, [override])
+    out = run_cli("finetune", str(path), "-o", override, check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_bad_task_option_and_missing_data_path_are_named(tmp_path, breastmnist_path):
     path = write_config(tmp_path, breastmnist_path)
     with pytest.raises(ConfigError, match="data.options.augmnet"):
