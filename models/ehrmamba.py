@@ -5,7 +5,7 @@ Embeddings follow EHRMamba/Odyssey (`MambaEmbeddingsForCEHR`): the concept embed
 concatenated with sinusoidal time-delta and age embeddings whose frequency and phase are learned
 (sin(t·w + φ)), projected back to `d_model` through tanh, then token-type, visit-order and
 visit-segment embeddings are added and the sum is LayerNorm-ed. The backbone is medai's one Mamba
-(`models.mamba.MambaStack`, scan via `kernels.ops.selective_scan`). Two heads share it:
+(`models.layers.mamba.MambaStack`, scan via `kernels.ops.selective_scan`). Two heads share it:
 next-token logits (tied to the concept embedding) for pretraining, and a sequence classifier on
 the last real token (the model is causal, so only that token has read the whole sequence). For
 multitask prompted fine-tuning the first token is a task token and the classifier emits one
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medai.models.mamba import MambaConfig, MambaStack
+from medai.models.layers.mamba import MambaConfig, MambaStack
 from medai.models.registry import register_model
 
 

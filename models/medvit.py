@@ -13,7 +13,7 @@ LFP = patch embed -> BN -> 2D neighborhood attention with relative position bias
       h-swish, squeeze-excite, 1x1 conv), which carries its own residual as in the public code.
 GFP = patch embed -> BN -> efficient MHSA (keys/values averaged over sr^2 tokens) on 75% of the
       channels -> 1x1 projection to the remaining channels -> multi-head convolutional attention
-      -> concat -> BN -> FasterKAN feed-forward per pixel (models/kan.py).
+      -> concat -> BN -> FasterKAN feed-forward per pixel (models/layers/kan.py).
 
 Dilation. The paper describes Dilated Neighborhood Attention; the public code calls NATTEN with
 dilation 1. `dilation_schedule="dinat"` (default) alternates NA and DiNA inside each stage as
@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from medai.kernels import ops
 from medai.errors import CheckpointError, ConfigError, ModelInputError
 from medai.utils import repo_root
-from medai.models.kan import FasterKAN, FasterKANConfig
+from medai.models.layers.kan import FasterKAN, FasterKANConfig
 from medai.models.registry import register_model
 
 log = logging.getLogger(__name__)

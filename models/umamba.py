@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from medai.models.mamba import MambaConfig, MambaMixer
+from medai.models.layers.mamba import MambaConfig, MambaMixer
 from medai.utils import repo_root
 from medai.models.registry import register_model
 

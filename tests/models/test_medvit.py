@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from medai.errors import CheckpointError, ConfigError, ModelInputError
 from medai.models import create_model
-from medai.models.kan import FasterKAN
+from medai.models.layers.kan import FasterKAN
 from medai.models.medvit import (
     NeighborhoodAttention2d,
     convert_reference_state_dict,
