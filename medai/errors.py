@@ -120,3 +120,11 @@ class InvalidVolumeError(MedaiError, ValueError):
 
 class ModelInputError(MedaiError, ValueError):
     """A tensor given to a model has the wrong shape, channel count, size or non-finite values."""
+
+
+class ModelContractError(MedaiError, TypeError):
+    """A model cannot serve where it was asked to (e.g. as a feature extractor); names it and says what it lacks."""
+
+    def __init__(self, model: str, reason: str):
+        self.model, self.reason = model, reason
+        super().__init__(f"model '{model}': {reason}")

@@ -49,22 +49,17 @@ def build_dynunet(config: DynUNetConfig) -> nn.Module:
     )
 
 
-def _build(spatial_dims: int, overrides: dict) -> nn.Module:
-    known = set(DynUNetConfig.__dataclass_fields__)
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown DynUNet option(s) {unknown} (known: {', '.join(sorted(known))})")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    return build_dynunet(DynUNetConfig(**{"spatial_dims": spatial_dims, **values}))
+_REGISTER = dict(family="dynunet", config=DynUNetConfig, card="data_cards/checkpoints/umamba_hippocampus.md")
+TINY = dict(features=(4, 8, 8))  # the fewest stages MONAI allows; inputs divisible by 4
 
 
-@register_model(family="dynunet", card="data_cards/checkpoints/umamba_hippocampus.md")
-def dynunet_3d(**overrides) -> nn.Module:
+@register_model(defaults=dict(spatial_dims=3), input_kind="volume_3d", tiny=TINY, **_REGISTER)
+def dynunet_3d(config: DynUNetConfig) -> nn.Module:
     """MONAI DynUNet 3D baseline; overrides are DynUNetConfig fields."""
-    return _build(3, overrides)
+    return build_dynunet(config)
 
 
-@register_model(family="dynunet", card="data_cards/checkpoints/umamba_hippocampus.md")
-def dynunet_2d(**overrides) -> nn.Module:
+@register_model(defaults=dict(spatial_dims=2), input_kind="image_2d", tiny=TINY, **_REGISTER)
+def dynunet_2d(config: DynUNetConfig) -> nn.Module:
     """MONAI DynUNet 2D baseline; overrides are DynUNetConfig fields."""
-    return _build(2, overrides)
+    return build_dynunet(config)

@@ -7,6 +7,7 @@ Inputs are normalised with mean = std = 0.5 per channel, as the original weights
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -17,6 +18,15 @@ from medai.models.registry import register_model
 
 IMAGENET_LITE_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_LITE_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass
+class EfficientNetConfig:
+    """EfficientNet-Lite0 options; defaults are the ImageNet model's (1000 classes, RGB, dropout 0.2)."""
+
+    num_classes: int = 1000
+    in_chans: int = 3
+    drop_rate: float = 0.2
 
 
 def convert_lite0_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -55,12 +65,17 @@ def _adapt_imagenet(state: dict[str, torch.Tensor], model: nn.Module) -> dict[st
 
 @register_model(
     family="efficientnet",
+    config=EfficientNetConfig,
+    input_kind="image_2d",
+    tiny=dict(num_classes=4),
+    feature_extractor=True,
     card="data_cards/checkpoints/efficientnet_lite0_imagenet.md",
     pretrained={"imagenet": _imagenet_lite0},
     adapt=_adapt_imagenet,
 )
-def efficientnet_lite0(num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.2) -> nn.Module:
+def efficientnet_lite0(config: EfficientNetConfig) -> nn.Module:
     """EfficientNet-Lite0 (4.7M params at 1000 classes); ImageNet weights via pretrained='imagenet'."""
     return timm.create_model(
-        "tf_efficientnet_lite0", pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate
+        "tf_efficientnet_lite0", pretrained=False, num_classes=config.num_classes, in_chans=config.in_chans,
+        drop_rate=config.drop_rate,
     )

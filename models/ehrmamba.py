@@ -5,7 +5,7 @@ Embeddings follow EHRMamba/Odyssey (`MambaEmbeddingsForCEHR`): the concept embed
 concatenated with sinusoidal time-delta and age embeddings whose frequency and phase are learned
 (sin(t·w + φ)), projected back to `d_model` through tanh, then token-type, visit-order and
 visit-segment embeddings are added and the sum is LayerNorm-ed. The backbone is medai's one Mamba
-(`models.mamba.MambaStack`, scan via `kernels.ops.selective_scan`). Two heads share it:
+(`models.layers.mamba.MambaStack`, scan via `kernels.ops.selective_scan`). Two heads share it:
 next-token logits (tied to the concept embedding) for pretraining, and a sequence classifier on
 the last real token (the model is causal, so only that token has read the whole sequence). For
 multitask prompted fine-tuning the first token is a task token and the classifier emits one
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medai.models.mamba import MambaConfig, MambaStack
+from medai.models.layers.mamba import MambaConfig, MambaStack
 from medai.models.registry import register_model
 
 
@@ -51,6 +51,10 @@ class EHRMambaConfig:
     n_heads: int = 8  # transformer baseline only
     ffn_mult: int = 4  # transformer baseline only
     task_logits: dict[str, list[int]] = field(default_factory=dict)  # task -> [start, stop) in the classifier output
+
+    def __post_init__(self) -> None:
+        if self.backbone == "transformer" and self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
 
     def mamba_config(self) -> MambaConfig:
         """The backbone's MambaConfig."""
@@ -154,8 +158,6 @@ class EHRMamba(nn.Module):
 
     def __init__(self, cfg: EHRMambaConfig):
         super().__init__()
-        if cfg.backbone == "transformer" and cfg.d_model % cfg.n_heads:
-            raise ValueError(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}")
         self.config = cfg
         self.embeddings = EHREmbeddings(cfg)
         self.backbone = MambaStack(cfg.mamba_config()) if cfg.backbone == "mamba" else CausalTransformer(cfg)
@@ -190,29 +192,33 @@ class EHRMamba(nn.Module):
         return self.classify(batch)
 
 
-def _build(overrides: dict, **defaults) -> EHRMamba:
-    from medai.config import from_dict
+_REGISTER = dict(
+    family="ehrmamba", config=EHRMambaConfig, input_kind="token_sequence",
+    card="data_cards/checkpoints/ehrmamba_small_shared_ehr.md",
+)
+# Tests: a 32-d, one-block model over a 200-concept vocabulary.
+TINY = dict(d_model=32, n_layers=1, time_embeddings_size=8, vocab_size=200, num_labels=3, dropout=0.0)
 
-    cfg = from_dict(EHRMambaConfig, {**defaults, **overrides})
-    return EHRMamba(cfg)
 
-
-@register_model(family="ehrmamba", card="data_cards/checkpoints/ehrmamba_small_shared_ehr.md")
-def ehrmamba(**overrides) -> EHRMamba:
+@register_model(tiny=TINY, **_REGISTER)
+def ehrmamba(config: EHRMambaConfig) -> EHRMamba:
     """EHRMamba at the paper's size: 768-d, 32 Mamba blocks (125M parameters at a 4.6k vocabulary)."""
-    return _build(overrides)
+    return EHRMamba(config)
 
 
-@register_model(family="ehrmamba", card="data_cards/checkpoints/ehrmamba_small_shared_ehr.md")
-def ehrmamba_small(**overrides) -> EHRMamba:
+@register_model(defaults=dict(d_model=128, n_layers=4, time_embeddings_size=16), tiny=TINY, **_REGISTER)
+def ehrmamba_small(config: EHRMambaConfig) -> EHRMamba:
     """A small EHRMamba for the shared demo data (128-d, 4 blocks): sized to 100-200 patients."""
-    return _build(overrides, d_model=128, n_layers=4, time_embeddings_size=16)
+    return EHRMamba(config)
 
 
-@register_model(family="ehrmamba", card="data_cards/checkpoints/ehrmamba_small_shared_ehr.md")
-def ehr_transformer_small(**overrides) -> EHRMamba:
+@register_model(
+    defaults=dict(d_model=128, n_layers=2, time_embeddings_size=16, backbone="transformer", n_heads=4),
+    tiny=TINY, **_REGISTER,
+)
+def ehr_transformer_small(config: EHRMambaConfig) -> EHRMamba:
     """The baseline: the same embeddings and heads on a causal Transformer of similar size (128-d, 2 layers)."""
-    return _build(overrides, d_model=128, n_layers=2, time_embeddings_size=16, backbone="transformer", n_heads=4)
+    return EHRMamba(config)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -13,7 +13,7 @@ LFP = patch embed -> BN -> 2D neighborhood attention with relative position bias
       h-swish, squeeze-excite, 1x1 conv), which carries its own residual as in the public code.
 GFP = patch embed -> BN -> efficient MHSA (keys/values averaged over sr^2 tokens) on 75% of the
       channels -> 1x1 projection to the remaining channels -> multi-head convolutional attention
-      -> concat -> BN -> FasterKAN feed-forward per pixel (models/kan.py).
+      -> concat -> BN -> FasterKAN feed-forward per pixel (models/layers/kan.py).
 
 Dilation. The paper describes Dilated Neighborhood Attention; the public code calls NATTEN with
 dilation 1. `dilation_schedule="dinat"` (default) alternates NA and DiNA inside each stage as
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from medai.kernels import ops
 from medai.errors import CheckpointError, ConfigError, ModelInputError
 from medai.utils import repo_root
-from medai.models.kan import FasterKAN, FasterKANConfig
+from medai.models.layers.kan import FasterKAN, FasterKANConfig
 from medai.models.registry import register_model
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,12 @@ class MedViTConfig:
             raise ConfigError(f"stages 2 and 4 need at least one block, got depths {self.depths}")
         if any(d % self.head_dim for d in self.dims):
             raise ConfigError(f"every width must be a multiple of head_dim={self.head_dim}, got {self.dims}")
+        # GFP blocks (stages 2-4) give E-MHSA a share rounded to a multiple of 32; MHCA needs the rest.
+        no_mhca = [d for d in self.dims[1:] if d <= _make_divisible(int(d * self.mix_block_ratio), 32)]
+        if no_mhca:
+            raise ConfigError(
+                f"widths {no_mhca} of stages 2-4 leave no channels for MHCA at mix_block_ratio={self.mix_block_ratio}"
+            )
         if self.na_kernel_size % 2 == 0:
             raise ConfigError(f"na_kernel_size must be odd, got {self.na_kernel_size}")
         if self.reference_code_compat and self.dilations and any(d != 1 for s in self.dilations for d in s):
@@ -429,8 +435,15 @@ class MedViT(nn.Module):
         return self.head_norm(x)
 
     def forward_head(self, features: Tensor) -> Tensor:
-        """Final feature map -> logits (B, num_classes)."""
+        """Final feature map -> logits (B, num_classes); pooled features (B, num_features) without a head."""
         return self.head(features.mean((2, 3)))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a fresh one for `num_classes`; 0 removes it (forward returns pooled features)."""
+        self.config = replace(self.config, num_classes=num_classes)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            _init_weights(self.head)
 
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, in_chans, H, W) -> logits (B, num_classes)."""
@@ -449,11 +462,6 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def build_medvit(config: MedViTConfig) -> MedViT:
-    """Build MedViT-V2 from a config."""
-    return MedViT(config)
-
-
 # ---- variants: the published depths and widths (MedViTV2 `MedViT.py`) ---------------------------
 VARIANTS: dict[str, dict] = {
     "medvit_tiny": dict(depths=(2, 2, 6, 1), dims=(64, 128, 192, 384), drop_path_rate=0.1),
@@ -461,12 +469,8 @@ VARIANTS: dict[str, dict] = {
     "medvit_base": dict(depths=(2, 2, 6, 2), dims=(96, 192, 384, 768), drop_path_rate=0.2),
     "medvit_large": dict(depths=(2, 2, 6, 2), dims=(96, 256, 512, 1024), drop_path_rate=0.2),
 }
-
-
-def _variant(name: str, overrides: dict) -> MedViT:
-    from medai.config import from_dict
-
-    return build_medvit(from_dict(MedViTConfig, {**VARIANTS[name], **overrides}, source=f"create_model('{name}')"))
+# Tests: the fewest blocks the layout allows, and GFP widths that keep an MHCA share (E-MHSA rounds to 32s).
+TINY = dict(depths=(1, 1, 3, 1), dims=(32, 128, 128, 128), stem_channels=(16, 16, 32), num_classes=4)
 
 
 def _breastmnist_checkpoint() -> Path:
@@ -474,31 +478,38 @@ def _breastmnist_checkpoint() -> Path:
     return repo_root() / "checkpoints" / "breastmnist" / "medvit_tiny_f16.safetensors"
 
 
-@register_model(family="medvit", card=CARD, pretrained={"breastmnist": _breastmnist_checkpoint})
-def medvit_tiny(**overrides) -> MedViT:
+_REGISTER = dict(
+    family="medvit", config=MedViTConfig, input_kind="image_2d", tiny=TINY, feature_extractor=True, card=CARD
+)
+
+
+@register_model(
+    defaults=VARIANTS["medvit_tiny"], pretrained={"breastmnist": _breastmnist_checkpoint}, **_REGISTER
+)
+def medvit_tiny(config: MedViTConfig) -> MedViT:
     """MedViT-V2-T: depths (2, 2, 6, 1), widths (64, 128, 192, 384).
 
     pretrained='breastmnist' (with num_classes=2, in_chans=1) loads the BreastMNIST checkpoint (28 px).
     """
-    return _variant("medvit_tiny", overrides)
+    return MedViT(config)
 
 
-@register_model(family="medvit", card=CARD)
-def medvit_small(**overrides) -> MedViT:
+@register_model(defaults=VARIANTS["medvit_small"], **_REGISTER)
+def medvit_small(config: MedViTConfig) -> MedViT:
     """MedViT-V2-S: depths (2, 2, 6, 2), widths (64, 128, 256, 512)."""
-    return _variant("medvit_small", overrides)
+    return MedViT(config)
 
 
-@register_model(family="medvit", card=CARD)
-def medvit_base(**overrides) -> MedViT:
+@register_model(defaults=VARIANTS["medvit_base"], **_REGISTER)
+def medvit_base(config: MedViTConfig) -> MedViT:
     """MedViT-V2-B: depths (2, 2, 6, 2), widths (96, 192, 384, 768)."""
-    return _variant("medvit_base", overrides)
+    return MedViT(config)
 
 
-@register_model(family="medvit", card=CARD)
-def medvit_large(**overrides) -> MedViT:
+@register_model(defaults=VARIANTS["medvit_large"], **_REGISTER)
+def medvit_large(config: MedViTConfig) -> MedViT:
     """MedViT-V2-L: depths (2, 2, 6, 2), widths (96, 256, 512, 1024)."""
-    return _variant("medvit_large", overrides)
+    return MedViT(config)
 
 
 # ---- the public checkpoints' names -> ours ---------------------------------------------------------
@@ -612,6 +623,6 @@ def public_code_parameter_count(model: MedViT) -> int:
 
 
 __all__ = [
-    "MedViT", "MedViTConfig", "build_medvit", "public_code_parameter_count", "convert_reference_state_dict", "count_parameters",
+    "MedViT", "MedViTConfig", "public_code_parameter_count", "convert_reference_state_dict", "count_parameters",
     "lfp_dilations", "stage_layout", "VARIANTS",
 ]

@@ -569,15 +569,11 @@ def acmil_config_from_state(state: dict[str, torch.Tensor], **overrides) -> Atte
 # Registered variants
 # --------------------------------------------------------------------------------------
 _CARD = "data_cards/checkpoints/mil.md"
-
-
-def _attention_mil(defaults: dict, overrides: dict) -> AttentionMIL:
-    values = {**defaults, **overrides}
-    return AttentionMIL(AttentionMILConfig(**values))
-
-
 _ABMIL = dict(num_branches=1, n_masked_patch=0, mask_drop=0.0, head_mode="concat")
 _ACMIL = dict(num_branches=5, n_masked_patch=10, mask_drop=0.6, head_mode="branches")
+# Tiny widths for tests, on bags of 16-d instance features.
+_TINY = dict(in_features=16, hidden_features=16, attention_features=8)
+_GATED = dict(family="mil", config=AttentionMILConfig, input_kind="feature_bag", card=_CARD)
 
 
 def _bracs(tag: str):
@@ -589,63 +585,66 @@ def _bracs(tag: str):
     return resolve
 
 
-@register_model(family="mil", card=_CARD)
-def abmil(**overrides) -> nn.Module:
+@register_model(defaults=_ABMIL, tiny=_TINY, **_GATED)
+def abmil(config: AttentionMILConfig) -> nn.Module:
     """ABMIL: gated attention pooling, one branch, one classifier (Ilse et al. 2018)."""
-    return _attention_mil(_ABMIL, overrides)
+    return AttentionMIL(config)
 
 
-@register_model(family="mil", card=_CARD)
-def abmil_aem(**overrides) -> nn.Module:
+@register_model(defaults={**_ABMIL, "aem_lambda": 0.1}, tiny=_TINY, **_GATED)
+def abmil_aem(config: AttentionMILConfig) -> nn.Module:
     """ABMIL trained with the AEM attention-entropy term (lambda 0.1)."""
-    return _attention_mil({**_ABMIL, "aem_lambda": 0.1}, overrides)
+    return AttentionMIL(config)
 
 
-@register_model(family="mil", card=_CARD)
-def abmil_multihead(**overrides) -> nn.Module:
+@register_model(defaults={**_ABMIL, "num_branches": 4}, tiny=_TINY, **_GATED)
+def abmil_multihead(config: AttentionMILConfig) -> nn.Module:
     """Multi-head gated attention MIL: 4 attention heads, pooled vectors concatenated, one classifier."""
-    return _attention_mil({**_ABMIL, "num_branches": 4}, overrides)
+    return AttentionMIL(config)
 
 
-@register_model(family="mil", card=_CARD)
-def abmil_multihead_aem(**overrides) -> nn.Module:
+@register_model(defaults={**_ABMIL, "num_branches": 4, "aem_lambda": 0.1}, tiny=_TINY, **_GATED)
+def abmil_multihead_aem(config: AttentionMILConfig) -> nn.Module:
     """Multi-head gated attention MIL with the AEM term (lambda 0.1)."""
-    return _attention_mil({**_ABMIL, "num_branches": 4, "aem_lambda": 0.1}, overrides)
+    return AttentionMIL(config)
 
 
-@register_model(family="mil", card=_CARD)
-def acmil(**overrides) -> nn.Module:
+@register_model(defaults=_ACMIL, tiny=_TINY, **_GATED)
+def acmil(config: AttentionMILConfig) -> nn.Module:
     """ACMIL: 5 attention branches, STKIM (top 10, drop 0.6), diversity loss (Zhang et al. 2023)."""
-    return _attention_mil(_ACMIL, overrides)
+    return AttentionMIL(config)
 
 
-@register_model(family="mil", card=_CARD)
-def acmil_aem(**overrides) -> nn.Module:
+@register_model(defaults={**_ACMIL, "aem_lambda": 0.1}, tiny=_TINY, **_GATED)
+def acmil_aem(config: AttentionMILConfig) -> nn.Module:
     """ACMIL trained with the AEM attention-entropy term (lambda 0.1)."""
-    return _attention_mil({**_ACMIL, "aem_lambda": 0.1}, overrides)
+    return AttentionMIL(config)
 
 
-@register_model(family="mil", card=_CARD, pretrained={"bracs": _bracs("512d")})
-def acmil_bracs_512d(**overrides) -> nn.Module:
+# The authors' two released BRACS models (3 classes); tests keep their feature widths.
+_BRACS_512D = dict(in_features=512, hidden_features=256, attention_features=128, num_branches=1, num_classes=3,
+                   n_masked_patch=0, mask_drop=0.0, head_mode="branches")
+_BRACS_384D = dict(in_features=384, hidden_features=128, attention_features=128, num_branches=5, num_classes=3,
+                   n_masked_patch=10, mask_drop=0.6, head_mode="branches")
+_BRACS_TINY = dict(hidden_features=16, attention_features=8)
+
+
+@register_model(defaults=_BRACS_512D, tiny=_BRACS_TINY, pretrained={"bracs": _bracs("512d")}, **_GATED)
+def acmil_bracs_512d(config: AttentionMILConfig) -> nn.Module:
     """The ACMIL authors' BRACS model on 512-d features (256-d projection, 1 branch, 3 classes)."""
-    return _attention_mil(
-        dict(in_features=512, hidden_features=256, attention_features=128, num_branches=1, num_classes=3,
-             n_masked_patch=0, mask_drop=0.0, head_mode="branches"),
-        overrides,
-    )
+    return AttentionMIL(config)
 
 
-@register_model(family="mil", card=_CARD, pretrained={"bracs": _bracs("384d")})
-def acmil_bracs_384d(**overrides) -> nn.Module:
+@register_model(defaults=_BRACS_384D, tiny=_BRACS_TINY, pretrained={"bracs": _bracs("384d")}, **_GATED)
+def acmil_bracs_384d(config: AttentionMILConfig) -> nn.Module:
     """The ACMIL authors' BRACS model on 384-d features (128-d projection, 5 branches, 3 classes)."""
-    return _attention_mil(
-        dict(in_features=384, hidden_features=128, attention_features=128, num_branches=5, num_classes=3,
-             n_masked_patch=10, mask_drop=0.6, head_mode="branches"),
-        overrides,
-    )
+    return AttentionMIL(config)
 
 
-@register_model(family="mil", card=_CARD)
-def transmil(**overrides) -> nn.Module:
+@register_model(
+    family="mil", config=TransMILConfig, input_kind="feature_bag", card=_CARD,
+    tiny=dict(in_features=16, dim=32, heads=4, landmarks=8),
+)
+def transmil(config: TransMILConfig) -> nn.Module:
     """TransMIL: two Nystrom attention layers with PPEG (Shao et al. 2021)."""
-    return TransMIL(TransMILConfig(**overrides))
+    return TransMIL(config)

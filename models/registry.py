@@ -1,5 +1,13 @@
 """Model registry and factory: `create_model(name, pretrained=...)` is the only entry point.
 
+One model contract: each family has a config dataclass whose defaults reproduce its paper; a
+variant is a function `fn(config) -> nn.Module` registered with the values it sets over those
+defaults. `create_model(name, **overrides)` fills the config through `build_config` (unknown
+keys and wrong types are ConfigErrors naming the key and the valid ones). An entry also records
+the input kind it takes, overrides that make a tiny fast model (for tests), and whether it is a
+feature extractor in timm's sense, which slide extraction and the VLM check through
+`create_feature_extractor`.
+
 Weights load from local safetensors files only (never pickle). A checkpoint whose keys or
 shapes do not match the model is refused with a CheckpointError that names them.
 """
@@ -10,16 +18,23 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, TypeVar
 
 import torch
 from torch import nn
 
-from medai.errors import CheckpointError
+from medai.config import from_dict
+from medai.errors import CheckpointError, ModelContractError
 from medai.registry import Registry
 from medai.utils import repo_root
 
 log = logging.getLogger(__name__)
+
+C = TypeVar("C")
+# What a model's forward takes; tests build an example input of each kind.
+InputKind = Literal["image_2d", "volume_3d", "feature_bag", "token_sequence", "image_text"]
+# timm's feature-extractor contract: features without the head, their width, and a way to drop the head.
+FEATURE_CONTRACT = ("forward_features", "num_features", "reset_classifier")
 
 
 @dataclass
@@ -34,6 +49,16 @@ class ModelEntry:
     pretrained: dict[str, Callable[[], Path]] = field(default_factory=dict)
     # adapts a pretrained state dict to overrides (new head size, input channels) before loading
     adapt: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None
+    # the family's config dataclass and the values this variant sets over its defaults
+    config: type | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    input_kind: InputKind = "image_2d"
+    tiny: dict[str, Any] = field(default_factory=dict)  # overrides giving a tiny, fast model (tests)
+    feature_extractor: bool = False  # keeps FEATURE_CONTRACT
+
+    def build_config(self, **overrides: Any) -> Any:
+        """This variant's config with `overrides` applied strictly (see `build_config`)."""
+        return build_config(self.config, self.defaults, overrides, self.name)
 
     @property
     def card_path(self) -> Path | None:
@@ -44,16 +69,39 @@ class ModelEntry:
 MODELS: Registry[ModelEntry] = Registry("model")
 
 
+def build_config(config_cls: type[C], defaults: dict[str, Any], overrides: dict[str, Any], name: str) -> C:
+    """Fill `config_cls`: its own defaults, then `defaults`, then `overrides`; ConfigError on an unknown key or type."""
+    return from_dict(config_cls, {**defaults, **overrides}, source=f"create_model('{name}')")
+
+
 def register_model(
     family: str,
+    config: type,
+    input_kind: InputKind,
+    tiny: dict[str, Any],
+    defaults: dict[str, Any] | None = None,
+    feature_extractor: bool = False,
     card: str | None = None,
     pretrained: dict[str, Callable[[], Path]] | None = None,
     adapt: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None,
-) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering a variant function `fn(**overrides) -> nn.Module` under its name."""
+) -> Callable[[Callable[[Any], nn.Module]], Callable[[Any], nn.Module]]:
+    """Decorator registering a variant `fn(config) -> nn.Module` under its name.
 
-    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        MODELS.add(fn.__name__, ModelEntry(fn.__name__, fn, family, card, dict(pretrained or {}), adapt))
+    `create_model(name, **overrides)` calls `fn` with `config` filled by `build_config` from
+    `defaults` and the overrides; `tiny` are overrides that make a tiny model of `input_kind`.
+    """
+
+    def wrap(fn: Callable[[Any], nn.Module]) -> Callable[[Any], nn.Module]:
+        name, variant = fn.__name__, dict(defaults or {})
+
+        def build(**overrides: Any) -> nn.Module:
+            return fn(build_config(config, variant, overrides, name))
+
+        entry = ModelEntry(
+            name, build, family, card, dict(pretrained or {}), adapt,
+            config, variant, input_kind, dict(tiny), feature_extractor,
+        )
+        MODELS.add(name, entry)
         return fn
 
     return wrap
@@ -101,6 +149,34 @@ def create_model(name: str, pretrained: str | Path | None = None, **overrides: A
             state = entry.adapt(state, model)
         load_state_strict(model, state, path)
     return model
+
+
+def check_feature_extractor(model: nn.Module, name: str) -> nn.Module:
+    """Return `model` if it keeps timm's feature-extractor contract (FEATURE_CONTRACT); else ModelContractError."""
+    missing = [attr for attr in FEATURE_CONTRACT if not hasattr(model, attr)]
+    if missing:
+        raise ModelContractError(
+            name,
+            f"not a feature extractor: lacks {', '.join(missing)} "
+            f"(timm's contract: {', '.join(FEATURE_CONTRACT)}); "
+            f"registered feature extractors: {', '.join(list_feature_extractors())}",
+        )
+    return model
+
+
+def list_feature_extractors() -> list[str]:
+    """Registered model names whose entry declares timm's feature-extractor contract."""
+    return [name for name in list_models() if MODELS.get(name).feature_extractor]
+
+
+def create_feature_extractor(name: str, pretrained: str | Path | None = None, **overrides: Any) -> nn.Module:
+    """Build a registered feature extractor (classifier still attached); ModelContractError for any other model."""
+    if not model_entry(name).feature_extractor:
+        raise ModelContractError(
+            name,
+            f"not a feature extractor; registered feature extractors: {', '.join(list_feature_extractors())}",
+        )
+    return check_feature_extractor(create_model(name, pretrained=pretrained, **overrides), name)
 
 
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:

@@ -7,29 +7,49 @@ do at 28 px.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import timm
 from torch import nn
 
 from medai.models.registry import register_model
 
 
-def _resnet(arch: str, num_classes: int, in_chans: int, small_input: bool, drop_rate: float) -> nn.Module:
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
-    if small_input:
+@dataclass
+class ResNetConfig:
+    """ResNet options; small_input swaps in the 28-64 px stem (3x3 stride-2 conv, no max-pool)."""
+
+    num_classes: int = 2
+    in_chans: int = 3
+    small_input: bool = True
+    drop_rate: float = 0.0
+
+
+def _resnet(arch: str, config: ResNetConfig) -> nn.Module:
+    model = timm.create_model(
+        arch, pretrained=False, num_classes=config.num_classes, in_chans=config.in_chans, drop_rate=config.drop_rate
+    )
+    if config.small_input:
         out = model.conv1.out_channels if isinstance(model.conv1, nn.Conv2d) else model.bn1.num_features
-        model.conv1 = nn.Conv2d(in_chans, out, kernel_size=3, stride=2, padding=1, bias=False)
+        model.conv1 = nn.Conv2d(config.in_chans, out, kernel_size=3, stride=2, padding=1, bias=False)
         model.bn1 = nn.BatchNorm2d(out)
         model.maxpool = nn.Identity()
     return model
 
 
-@register_model(family="resnet", card="data_cards/checkpoints/resnet_random_init.md")
-def resnet18(num_classes: int = 2, in_chans: int = 3, small_input: bool = True, drop_rate: float = 0.0) -> nn.Module:
+_REGISTER = dict(
+    family="resnet", config=ResNetConfig, input_kind="image_2d", tiny={}, feature_extractor=True,
+    card="data_cards/checkpoints/resnet_random_init.md",
+)
+
+
+@register_model(**_REGISTER)
+def resnet18(config: ResNetConfig) -> nn.Module:
     """ResNet-18 (11M params), random init; small_input adapts the stem to 28-64 px images."""
-    return _resnet("resnet18", num_classes, in_chans, small_input, drop_rate)
+    return _resnet("resnet18", config)
 
 
-@register_model(family="resnet", card="data_cards/checkpoints/resnet_random_init.md")
-def resnet10t(num_classes: int = 2, in_chans: int = 3, small_input: bool = True, drop_rate: float = 0.0) -> nn.Module:
+@register_model(**_REGISTER)
+def resnet10t(config: ResNetConfig) -> nn.Module:
     """ResNet-10-T (4.9M params), random init; a fast CNN for CPU runs and tests."""
-    return _resnet("resnet10t", num_classes, in_chans, small_input, drop_rate)
+    return _resnet("resnet10t", config)

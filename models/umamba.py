@@ -18,14 +18,14 @@ The MONAI DynUNet baseline with the same stages and recipe is `models/dynunet.py
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
-from medai.models.mamba import MambaConfig, MambaMixer
+from medai.models.layers.mamba import MambaConfig, MambaMixer
 from medai.utils import repo_root
 from medai.models.registry import register_model
 
@@ -41,7 +41,9 @@ class UMambaConfig:
     out_channels: int = 3
     features: tuple[int, ...] = (32, 64, 128, 256)
     blocks_per_stage: int = 1  # residual blocks per encoder stage (the first one strides)
-    mamba_stages: tuple[int, ...] = (3,)  # encoder stages followed by a Mamba layer
+    # Mamba after the last encoder stage (U-Mamba-Bot) or after every one (U-Mamba-Enc) ...
+    mamba_placement: Literal["bottleneck", "encoder"] = "bottleneck"
+    mamba_stages: tuple[int, ...] | None = None  # ... or after these encoder stages
     scan_directions: tuple[Direction, ...] = ("forward",)
     d_state: int = 16
     d_conv: int = 4
@@ -53,12 +55,20 @@ class UMambaConfig:
             raise ValueError(f"UMambaConfig.spatial_dims must be 2 or 3, got {self.spatial_dims}")
         if len(self.features) < 2:
             raise ValueError(f"UMambaConfig.features needs at least 2 stages, got {self.features}")
-        bad = [s for s in self.mamba_stages if not 0 <= s < len(self.features)]
+        bad = [s for s in self.mamba_stages or () if not 0 <= s < len(self.features)]
         if bad:
             raise ValueError(f"UMambaConfig.mamba_stages {bad} outside 0..{len(self.features) - 1}")
         unknown = [d for d in self.scan_directions if d not in ("forward", "reverse", "inter_slice")]
         if unknown or not self.scan_directions:
             raise ValueError(f"UMambaConfig.scan_directions must be from forward/reverse/inter_slice, got {unknown}")
+
+    @property
+    def mamba_stage_indices(self) -> tuple[int, ...]:
+        """Encoder stages followed by a Mamba layer: `mamba_stages` if given, else from the placement."""
+        if self.mamba_stages is not None:
+            return self.mamba_stages
+        last = len(self.features) - 1
+        return (last,) if self.mamba_placement == "bottleneck" else tuple(range(last + 1))
 
     @property
     def downsampling(self) -> int:
@@ -120,7 +130,7 @@ class UMamba(nn.Module):
         for index, width in enumerate(feats):
             blocks = [UnetResBlock(dims, channels, width, 3, 1 if index == 0 else 2, config.norm)]
             blocks += [UnetResBlock(dims, width, width, 3, 1, config.norm) for _ in range(config.blocks_per_stage - 1)]
-            if index in config.mamba_stages:
+            if index in config.mamba_stage_indices:
                 blocks.append(MambaLayer(width, config))
             self.stages.append(nn.Sequential(*blocks))
             channels = width
@@ -151,49 +161,46 @@ class UMamba(nn.Module):
         return self.head(x)
 
 
-def _build(variant: str, spatial_dims: int, overrides: dict) -> UMamba:
-    features = tuple(overrides.get("features", UMambaConfig.features))
-    stages = (len(features) - 1,) if variant == "bot" else tuple(range(len(features)))
-    base = UMambaConfig(spatial_dims=spatial_dims, features=features, mamba_stages=stages)
-    known = set(UMambaConfig.__dataclass_fields__)
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown U-Mamba option(s) {unknown} (known: {', '.join(sorted(known))})")
-    config = replace(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
-    return UMamba(config)
-
-
 def _hippocampus_checkpoint() -> Path:
     # Trained in this project (card: data_cards/checkpoints/umamba_hippocampus.md); needs features=(16, 32, 64, 128).
     return repo_root() / "checkpoints" / "msd_hippocampus" / "umamba_bot_3d_f16.safetensors"
 
 
+_REGISTER = dict(family="umamba", config=UMambaConfig, card="data_cards/checkpoints/umamba_hippocampus.md")
+TINY = dict(features=(4, 8, 8))  # 2 downsamplings: inputs divisible by 4
+
+
 @register_model(
-    family="umamba",
-    card="data_cards/checkpoints/umamba_hippocampus.md",
-    pretrained={"msd_hippocampus": _hippocampus_checkpoint},
+    defaults=dict(spatial_dims=3, mamba_placement="bottleneck"), input_kind="volume_3d", tiny=TINY,
+    pretrained={"msd_hippocampus": _hippocampus_checkpoint}, **_REGISTER,
 )
-def umamba_bot_3d(**overrides) -> UMamba:
+def umamba_bot_3d(config: UMambaConfig) -> UMamba:
     """U-Mamba-Bot 3D: Mamba at the bottleneck; overrides are UMambaConfig fields.
 
     pretrained='msd_hippocampus' (with features=(16, 32, 64, 128)) loads the Task04 checkpoint.
     """
-    return _build("bot", 3, overrides)
+    return UMamba(config)
 
 
-@register_model(family="umamba", card="data_cards/checkpoints/umamba_hippocampus.md")
-def umamba_enc_3d(**overrides) -> UMamba:
+@register_model(
+    defaults=dict(spatial_dims=3, mamba_placement="encoder"), input_kind="volume_3d", tiny=TINY, **_REGISTER
+)
+def umamba_enc_3d(config: UMambaConfig) -> UMamba:
     """U-Mamba-Enc 3D: Mamba after every encoder stage; overrides are UMambaConfig fields."""
-    return _build("enc", 3, overrides)
+    return UMamba(config)
 
 
-@register_model(family="umamba", card="data_cards/checkpoints/umamba_hippocampus.md")
-def umamba_bot_2d(**overrides) -> UMamba:
+@register_model(
+    defaults=dict(spatial_dims=2, mamba_placement="bottleneck"), input_kind="image_2d", tiny=TINY, **_REGISTER
+)
+def umamba_bot_2d(config: UMambaConfig) -> UMamba:
     """U-Mamba-Bot 2D (slices); overrides are UMambaConfig fields."""
-    return _build("bot", 2, overrides)
+    return UMamba(config)
 
 
-@register_model(family="umamba", card="data_cards/checkpoints/umamba_hippocampus.md")
-def umamba_enc_2d(**overrides) -> UMamba:
+@register_model(
+    defaults=dict(spatial_dims=2, mamba_placement="encoder"), input_kind="image_2d", tiny=TINY, **_REGISTER
+)
+def umamba_enc_2d(config: UMambaConfig) -> UMamba:
     """U-Mamba-Enc 2D (slices); overrides are UMambaConfig fields."""
-    return _build("enc", 2, overrides)
+    return UMamba(config)

@@ -5,10 +5,11 @@ Own head: image -> any registered vision backbone -> pooled feature grid -> proj
 prompt holds the `<image>` placeholder. The LM is any `AutoModelForCausalLM` folder with its
 tokenizer (default: SmolLM2-135M-Instruct, unpacked by `medai.weights`).
 
-Backbone feature-extraction contract (timm's): the module has `forward_features(x)` returning
-either a feature map (B, C, H, W) or a token sequence (B, N, C) (`num_prefix_tokens` class
-tokens first, as timm ViTs say), and `num_features` = C. Any `models.create_model` name that
-keeps this contract (timm models, EfficientNet-Lite0, MedViT-V2 variants) can be the backbone.
+Backbone feature-extraction contract (timm's, `registry.FEATURE_CONTRACT`): the module has
+`forward_features(x)` returning either a feature map (B, C, H, W) or a token sequence (B, N, C)
+(`num_prefix_tokens` class tokens first, as timm ViTs say), `num_features` = C and
+`reset_classifier`. Any registered model whose entry declares the contract (EfficientNet-Lite0,
+the ResNets, MedViT-V2 variants; `registry.list_feature_extractors()`) can be the backbone.
 
 Bring your own: `HFImageTextToText` runs any local `AutoModelForImageTextToText` checkpoint
 (MedGemma, LLaVA-Med conversions, ...) with its `AutoProcessor`, 4/8-bit when bitsandbytes and
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from medai.errors import MedaiError, OptionalDependencyError
-from medai.models.registry import create_model, register_model
+from medai.models.registry import check_feature_extractor, create_feature_extractor, create_model, register_model
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -473,10 +474,7 @@ class VisionLanguageModel(nn.Module):
 
     def __init__(self, config: VLMConfig, backbone: nn.Module, language_model: nn.Module, tokenizer: Any):
         super().__init__()
-        if not hasattr(backbone, "forward_features") or not hasattr(backbone, "num_features"):
-            raise VLMInputError(
-                f"backbone '{config.backbone}' lacks forward_features()/num_features (timm's feature contract)"
-            )
+        check_feature_extractor(backbone, config.backbone)
         grid = math.isqrt(config.num_image_tokens)
         if grid * grid != config.num_image_tokens:
             raise VLMInputError(f"num_image_tokens must be a square number, got {config.num_image_tokens}")
@@ -498,7 +496,7 @@ class VisionLanguageModel(nn.Module):
         """Build the backbone through the registry and load the LM + tokenizer from a local folder."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        backbone = create_model(config.backbone, pretrained=config.backbone_pretrained, **config.backbone_kwargs)
+        backbone = create_feature_extractor(config.backbone, config.backbone_pretrained, **config.backbone_kwargs)
         lm_path = resolve_language_model(config.language_model)
         tokenizer = AutoTokenizer.from_pretrained(str(lm_path), local_files_only=True)
         language_model = AutoModelForCausalLM.from_pretrained(str(lm_path), local_files_only=True)
@@ -780,12 +778,17 @@ def _eos_ids(tokenizer: Any, model: nn.Module) -> list[int]:
     return ids
 
 
-@register_model(family="vlm", card="data_cards/checkpoints/vlm_lite0_smollm2.md")
-def vlm_lite0_smollm2(**overrides: Any) -> VisionLanguageModel:
+@register_model(
+    family="vlm",
+    config=VLMConfig,
+    input_kind="image_text",
+    # Tests add language_model: a tiny LM folder (tests/models/tiny_vlms.py).
+    tiny=dict(backbone_pretrained=None, image_size=32, num_image_tokens=4, max_new_tokens=4),
+    card="data_cards/checkpoints/vlm_lite0_smollm2.md",
+)
+def vlm_lite0_smollm2(config: VLMConfig) -> VisionLanguageModel:
     """ImageNet EfficientNet-Lite0 -> MLP projector -> SmolLM2-135M-Instruct (projector untrained)."""
-    from medai.config import from_dict
-
-    return VisionLanguageModel.from_config(from_dict(VLMConfig, overrides))
+    return VisionLanguageModel.from_config(config)
 
 
 # ---------------------------------------------------------------------------------------------

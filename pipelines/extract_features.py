@@ -188,13 +188,9 @@ def build_encoder(cfg: EncoderConfig) -> Encoder:
                 model, cfg.pretrained
             )  # a local pathology encoder checkpoint (safetensors)
     else:
-        from medai.models.registry import create_model
+        from medai.models.registry import create_feature_extractor
 
-        model = create_model(cfg.name, pretrained=cfg.pretrained)
-        if not hasattr(model, "reset_classifier"):
-            raise MedaiError(
-                f"model '{cfg.name}' has no reset_classifier(); it cannot serve as a patch encoder"
-            )
+        model = create_feature_extractor(cfg.name, pretrained=cfg.pretrained)
         model.reset_classifier(0)
     pretrained_cfg = getattr(model, "pretrained_cfg", {}) or {}
     mean = tuple(cfg.mean or pretrained_cfg.get("mean") or (0.485, 0.456, 0.406))

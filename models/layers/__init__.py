@@ -1,1 +1,1 @@
-"""Layers shared by two or more model families."""
+"""Layers that are no model family of their own: Mamba (U-Mamba and EHRMamba use it) and FasterKAN (MedViT-V2's)."""

@@ -82,7 +82,7 @@ def test_acmil_forward_backward_on_5k_bag_matches_reference(monkeypatch, bag_5k,
 
 
 def test_mamba_stack_forward_matches_reference(monkeypatch):
-    from medai.models.mamba import MambaConfig, MambaStack
+    from medai.models.layers.mamba import MambaConfig, MambaStack
 
     torch.manual_seed(0)
     stack = MambaStack(MambaConfig(d_model=16, d_state=4, n_layers=2)).eval()

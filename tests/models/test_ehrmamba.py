@@ -13,7 +13,8 @@ TINY = {"d_model": 32, "n_layers": 1, "time_embeddings_size": 8, "vocab_size": 2
 NAMES = ["ehrmamba_small", "ehr_transformer_small"]
 
 
-def _item(length: int, seed: int = 0, vocab: int = 200) -> dict[str, np.ndarray]:
+def event_item(length: int, seed: int = 0, vocab: int = 200) -> dict[str, np.ndarray]:
+    """One random encoded patient timeline of `length` events (the arrays `pad_batch` takes)."""
     rng = np.random.default_rng(seed)
     return {
         "input_ids": rng.integers(1, vocab, length),
@@ -36,7 +37,7 @@ def _build(name: str, **extra):
 @pytest.mark.parametrize("name", NAMES)
 def test_forward_backward_and_pretraining_loss(name):
     model = _build(name)
-    batch = pad_batch([_item(40, 1), _item(25, 2)])
+    batch = pad_batch([event_item(40, 1), event_item(25, 2)])
     logits = model(batch)
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
     loss = model.pretraining_loss(batch)
@@ -49,16 +50,16 @@ def test_forward_backward_and_pretraining_loss(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_padding_does_not_change_a_sequence_result(name):
     model = _build(name)
-    short = _item(25, 2)
+    short = event_item(25, 2)
     alone = model(pad_batch([short]))
-    padded = model(pad_batch([_item(60, 1), short]))[1:]
+    padded = model(pad_batch([event_item(60, 1), short]))[1:]
     torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_causal_future_tokens_do_not_change_the_past(name):
     model = _build(name)
-    a, b = _item(50, 3), _item(50, 3)
+    a, b = event_item(50, 3), event_item(50, 3)
     b["input_ids"] = b["input_ids"].copy()
     b["input_ids"][30:] = 7
     ha = model.encode(pad_batch([a]))
@@ -74,7 +75,7 @@ def test_weights_round_trip_and_pretraining_weights_fit_the_classifier(name, tmp
     other = _build(name)
     torch.nn.init.normal_(other.classifier[1].weight)
     load_weights(other, path)
-    batch = pad_batch([_item(30, 4)])
+    batch = pad_batch([event_item(30, 4)])
     torch.testing.assert_close(model(batch), other(batch))
     loaded = create_model(name, pretrained=path, **dict(TINY, **({"n_heads": 4} if "transformer" in name else {})))
     torch.testing.assert_close(model(batch), loaded.eval()(batch))
@@ -82,7 +83,7 @@ def test_weights_round_trip_and_pretraining_weights_fit_the_classifier(name, tmp
 
 def test_mamba_runs_a_16k_token_sequence_on_cpu():
     model = _build("ehrmamba_small", d_state=8)
-    batch = pad_batch([_item(16_384, 5)])
+    batch = pad_batch([event_item(16_384, 5)])
     with torch.no_grad():
         logits = model(batch)
         hidden = model.encode(batch)

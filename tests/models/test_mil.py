@@ -1,4 +1,4 @@
-"""MIL models: every registered variant builds, trains a step, saves/loads; STKIM, AEM and diversity terms."""
+"""MIL models: every variant trains a step on real bags through mil_loss; STKIM, AEM and diversity terms."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def sicap_bags(mil_sicapv2_128d_path):
 
 
 @pytest.mark.parametrize("name", sorted(set(MIL_MODELS)))
-def test_build_forward_backward_save_load(name, sicap_bags, tmp_path):
+def test_mil_loss_trains_every_head_and_attention_scores_sum_to_one(name, sicap_bags):
     torch.manual_seed(0)
     model = tiny(name, 128)
     d = model.config.in_features
@@ -66,11 +66,6 @@ def test_build_forward_backward_save_load(name, sicap_bags, tmp_path):
     scores = model.attention_scores(features)
     assert scores.shape[1] == bag.num_instances
     torch.testing.assert_close(scores.sum(dim=1), torch.ones(scores.shape[0]))
-    path = models.save_weights(model, tmp_path / f"{name}.safetensors")
-    clone = tiny(name, 128)
-    models.load_weights(clone, path)
-    clone.eval()
-    torch.testing.assert_close(clone(features)["logits"], model(features)["logits"])
 
 
 @pytest.mark.parametrize("name", ["abmil", "abmil_multihead", "acmil"])

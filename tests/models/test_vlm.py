@@ -10,6 +10,7 @@ import timm
 import torch
 from PIL import Image
 
+from medai.errors import ModelContractError
 from medai.io.vqa_rad import load_vqa_rad
 from medai.models.vlm import (
     HFImageTextToText,
@@ -185,8 +186,12 @@ def test_a_token_sequence_backbone_keeps_the_contract(tiny_lm_path, vqa_items):
     model = VisionLanguageModel(cfg, vit, lm, AutoTokenizer.from_pretrained(tiny_lm_path)).eval()
     tokens = model.encode_images(model.preprocess(vqa_items[1][:1]))
     assert tokens.shape == (1, 4, 32)
-    with pytest.raises(VLMInputError, match="forward_features"):
+    with pytest.raises(ModelContractError, match="lacks forward_features, num_features, reset_classifier"):
         VisionLanguageModel(cfg, torch.nn.Linear(2, 2), lm, AutoTokenizer.from_pretrained(tiny_lm_path))
+    # a registered model that is no feature extractor is refused by name, before anything is built
+    seg = VLMConfig(backbone="umamba_bot_2d", backbone_pretrained=None, language_model=str(tiny_lm_path))
+    with pytest.raises(ModelContractError, match="'umamba_bot_2d': not a feature extractor"):
+        VisionLanguageModel.from_config(seg)
 
 
 @pytest.mark.parametrize("arch,image_tokens", [("llava", 16), ("gemma3", 4)])

@@ -296,3 +296,43 @@ def test_two_workers_give_the_same_features_as_none(tmp_path, wsi_cmu1_small_reg
     assert len(coords0) > 32  # more than one batch, so the workers' batches interleave
     np.testing.assert_array_equal(coords2, coords0)
     np.testing.assert_allclose(features2, features0, rtol=1e-5, atol=1e-5)
+
+
+def test_medvit_extracts_a_real_slide_through_the_cli(tmp_path, wsi_cmu1_small_region_path):
+    """`medai slides extract --model medvit_tiny`: any registered feature extractor is a patch encoder."""
+    import cv2
+    from typer.testing import CliRunner
+
+    from medai.cli import app
+    from medai.models import create_model
+
+    out = tmp_path / "run"
+    args = ["slides", "extract", str(wsi_cmu1_small_region_path), "--out", str(out),
+            "--model", "medvit_tiny", "--pretrained", "",
+            "--patch-size", "32", "--target-mpp", "4.0", "--workers", "0", "--no-progress"]
+    torch.manual_seed(0)
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    features, coords, attrs = read_patch_features(out / "features" / f"{wsi_cmu1_small_region_path.stem}.h5")
+    assert features.shape == (len(coords), 384) and len(coords) > 8 and attrs["encoder"] == "medvit_tiny"
+    # row i is MedViT-T's pooled final feature map for the patch at coords[i] (ImageNet normalisation)
+    torch.manual_seed(0)
+    model = create_model("medvit_tiny").eval()
+    size0 = int(attrs["patch_size_level0"])
+    with open_slide(wsi_cmu1_small_region_path) as slide:
+        assert slide.level_count == 1
+        tile = slide.read_region(tuple(coords[5]), 0, (size0, size0))
+    tile = cv2.resize(tile, (32, 32), interpolation=cv2.INTER_AREA)
+    mean, std = torch.tensor((0.485, 0.456, 0.406)), torch.tensor((0.229, 0.224, 0.225))
+    x = (torch.from_numpy(tile).permute(2, 0, 1).float() / 255 - mean[:, None, None]) / std[:, None, None]
+    with torch.inference_mode():
+        expected = model.forward_features(x[None]).mean((2, 3))[0].numpy()
+    # random weights with unit BatchNorm statistics amplify float rounding, hence 1e-3 (a wrong patch is off by ~1)
+    np.testing.assert_allclose(features[5], expected, rtol=1e-3, atol=1e-3)
+
+
+def test_a_model_that_is_no_feature_extractor_is_refused_by_name():
+    from medai.errors import ModelContractError
+
+    with pytest.raises(ModelContractError, match="'umamba_bot_2d': not a feature extractor; .*medvit_tiny"):
+        build_encoder(EncoderConfig(name="umamba_bot_2d", pretrained=None))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medai.models.mamba import MambaBlock, MambaConfig, MambaMixer, MambaStack
+from medai.models.layers.mamba import MambaBlock, MambaConfig, MambaMixer, MambaStack
 
 transformers_mamba = pytest.importorskip("transformers.models.mamba.modeling_mamba")
 from transformers.models.mamba import MambaConfig as HFMambaConfig  # noqa: E402
