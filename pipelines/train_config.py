@@ -114,7 +114,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         # A run with no step would exit 0 leaving a run folder with no checkpoint in it.
         for name in ("epochs", "grad_accum", "eval_every_epochs", "budget_calibration_steps", "log_every_steps",
-                     "max_steps", "limit_train_batches", "save_every_steps", "early_stopping_patience", "n_boot"):
+                     "max_steps", "limit_train_batches", "save_every_steps", "early_stopping_patience"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"trainer.{name} must be at least 1, got {value}")
