@@ -227,6 +227,9 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], path: st
     if missing or unexpected or mismatched:
         raise CheckpointError(path, "checkpoint does not match the model", missing, unexpected, mismatched)
     model.load_state_dict(state, strict=False)
+    for module in model.modules():
+        if hasattr(module, "weights_source"):  # models that report their provenance (the VLM head)
+            module.weights_source = str(path)
     return model
 
 

@@ -488,6 +488,14 @@ class VisionLanguageModel(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.eos_ids = _eos_ids(tokenizer, language_model)
+        # Set by registry.load_state_strict when trained weights are loaded; until then the projector
+        # holds its random initialisation and answers are the LM's guesses, not readings of the image.
+        self.weights_source: str | None = None
+
+    @property
+    def untrained_parts(self) -> list[str]:
+        """Modules still at their random initialisation (empty once a trained checkpoint is loaded)."""
+        return [] if self.weights_source else ["projector"]
 
     # -- building ------------------------------------------------------------------------------
 
@@ -793,6 +801,10 @@ def vlm_lite0_smollm2(config: VLMConfig) -> VisionLanguageModel:
 
 # ---------------------------------------------------------------------------------------------
 # Bring your own Hugging Face image-text-to-text model
+
+
+class UntrainedModelError(MedaiError):
+    """A model with untrained parts was asked for an answer a user might take as a reading."""
 
 
 class HFImageTextToText:

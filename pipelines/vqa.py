@@ -66,6 +66,52 @@ class VQAEvalConfig:
     blind_source: str = ""
 
 
+def load_answering_model(model: str, run: Path | None = None, checkpoint: str = "best", *,
+                         allow_untrained: bool = False) -> tuple[Any, str]:
+    """The VLM that answers a user's question and a line naming its weights; untrained heads refused unless allowed."""
+    from medai.models.vlm import UntrainedModelError, load_vlm
+
+    if run is not None:
+        from medai.pipelines.checkpointing import run_weights
+        from medai.pipelines.evaluate import load_run
+
+        vlm = load_run(run, checkpoint)[3].eval()
+        provenance = f"{run} ({checkpoint} checkpoint {run_weights(run, checkpoint)})"
+    else:
+        loaded = load_vlm(model)
+        vlm = loaded.eval() if hasattr(loaded, "eval") else loaded
+        provenance = f"{model} ({getattr(vlm, 'weights_source', None) or 'registry build'})"
+    untrained = list(getattr(vlm, "untrained_parts", []))
+    if untrained and not allow_untrained:
+        raise UntrainedModelError(
+            f"{model}: its {', '.join(untrained)} was never trained, so its answers would not come from the image. "
+            "Pass a trained VQA run (--run RUN_DIR; `make vqa-rad` trains one) or --allow-untrained to see the "
+            "untrained output, marked as such")
+    if untrained:
+        provenance += f" [UNTRAINED {', '.join(untrained)}: not an answer from a trained model]"
+    return vlm, provenance
+
+
+def read_question_image(path: str | Path, min_side_px: int = 16) -> Any:
+    """Open a user's image for a question (RGB); refuse an unreadable, tiny or uniform one naming the file."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from medai.errors import InputFileError
+
+    try:
+        with Image.open(path) as img:
+            image = img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputFileError(path, f"not an image PIL can read ({type(exc).__name__}); export DICOM frames as PNG") from None
+    if min(image.size) < min_side_px:
+        raise InputFileError(path, f"image is {image.size[0]}x{image.size[1]} px: too small to show anything "
+                                   f"(at least {min_side_px} px a side)")
+    if np.ptp(np.asarray(image)) == 0:
+        raise InputFileError(path, "image is one uniform colour: there is nothing in it to answer about")
+    return image
+
+
 def _read_done(path: Path) -> dict[str, dict[str, Any]]:
     done = {}
     if path.is_file():

@@ -52,14 +52,18 @@ def ask(
     run: Optional[Path] = typer.Option(None, exists=True, file_okay=False, help="A `medai finetune` run folder of the VQA task."),
     max_new_tokens: int = typer.Option(64, help="Upper bound on generated tokens."),
     mitigation: str = typer.Option("none", help="none or vcd (visual contrastive decoding)."),
+    checkpoint: str = typer.Option("best", help=CHECKPOINT_HELP),
+    allow_untrained: bool = typer.Option(False, "--allow-untrained",
+                                         help="Answer even with untrained parts (the output says so)."),
 ) -> None:
-    """Stream the model's answer to a question about an image."""
-    from PIL import Image
+    """Stream the model's answer to a question about an image, after a line naming the weights that answer."""
+    from medai.pipelines.vqa import load_answering_model, read_question_image
 
-    vlm = _load(model, run)
-    with Image.open(image) as img:
-        for piece in vlm.stream(img.convert("RGB"), question, max_new_tokens=max_new_tokens, mitigation=mitigation):
-            console.print(piece, end="")
+    picture = read_question_image(image)  # before the model load: a bad file costs no 15 s
+    vlm, provenance = load_answering_model(model, run, checkpoint, allow_untrained=allow_untrained)
+    console.print(f"[dim]model: {provenance}[/]")
+    for piece in vlm.stream(picture, question, max_new_tokens=max_new_tokens, mitigation=mitigation):
+        console.print(piece, end="")
     console.print()
 
 

@@ -272,3 +272,35 @@ def test_medvit_backbone_by_registry_name(tiny_lm_path, vqa_items):
     tokens = model.encode_images(model.preprocess(vqa_items[1][:1]))
     assert tokens.shape == (1, 4, 32)
     assert model.answer(vqa_items[1][0], vqa_items[0][0].question).num_tokens <= 2
+
+
+def test_untrained_head_knows_it_until_trained_weights_are_loaded(tiny_lm_path, tmp_path):
+    from medai.models.registry import load_weights, save_weights
+    from medai.models.vlm import VLMConfig, VisionLanguageModel
+
+    cfg = VLMConfig(backbone_pretrained=None, image_size=64, num_image_tokens=4, language_model=str(tiny_lm_path),
+                    max_new_tokens=6, max_prompt_tokens=128)
+    head = VisionLanguageModel.from_config(cfg)
+    assert head.untrained_parts == ["projector"]
+    path = save_weights(head, tmp_path / "head.safetensors")
+    fresh = load_weights(VisionLanguageModel.from_config(cfg), path)
+    assert fresh.untrained_parts == [] and fresh.weights_source == str(path)
+
+
+def test_vlm_ask_refuses_an_untrained_head_and_bad_images_before_answering(vqa_rad_path, tmp_path):
+    """A first try with the registry's head: refused, naming the untrained projector; tiny/blank images refused first."""
+    from typer.testing import CliRunner
+
+    from medai.cli import app
+
+    image = next((vqa_rad_path / "images").glob("*.jpg"))
+    runner = CliRunner()
+    refused = runner.invoke(app, ["vlm", "ask", str(image), "Is there a pneumothorax?"], env={"COLUMNS": "300"})
+    assert refused.exit_code == 2 and "projector was never trained" in refused.output, refused.output
+    assert "pneumothorax" not in refused.output.lower().split("never trained")[0]
+    Image.new("L", (1, 1)).save(tmp_path / "dot.png")
+    Image.new("L", (64, 64)).save(tmp_path / "black.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    for bad, reason in (("dot.png", "too small"), ("black.png", "uniform"), ("notes.png", "not an image")):
+        out = runner.invoke(app, ["vlm", "ask", str(tmp_path / bad), "Is there a mass?"], env={"COLUMNS": "300"})
+        assert out.exit_code == 2 and reason in out.output, (bad, out.output)
