@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from medai.io.datasets.ehr import split_patients
 from medai.io.ehr import EHRTables, PatientTimeline, ingest
 from medai.transforms.ehr import (
     TASK_TOKENS,
@@ -23,7 +24,6 @@ from medai.transforms.ehr import (
     TaskSample,
     derive_task_samples,
     frequent_dx_groups,
-    split_patients,
 )
 
 log = logging.getLogger(__name__)
