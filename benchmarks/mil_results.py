@@ -63,7 +63,7 @@ def sicapv2_attention_by_grade(runs: Path, models: list[str], seed: int, folds: 
     """Markdown table: out-of-fold high-grade share of attention vs of patches in cancerous SICAPv2 slides."""
     from medai.io.mil_bags import read_sicapv2_bags
     from medai.pipelines.mil_heatmaps import attention_by_instance_label, attention_grid_png, attention_maps
-    from medai.pipelines.tasks.mil import stratified_cv_split
+    from medai.io.datasets.bags import stratified_cv_split
 
     bags = read_sicapv2_bags(dataset_path("mil_sicapv2_128d"))
     labels = np.array([b.label for b in bags])
@@ -104,10 +104,14 @@ def combined_table(names: list[str]) -> str:
 def medmnist_attention_on_positives(runs: Path, models: list[str], seed: int, path: Path, options: dict) -> str:
     """Markdown table: in positive test bags, the malignant images' share of attention vs of instances."""
     from medai.pipelines.mil_heatmaps import attention_by_instance_label, attention_maps
-    from medai.pipelines.tasks.mil import MILOptions, bag_splits, read_bags
+    from medai.io.datasets import load_dataset
+    from medai.io.datasets.bags import bag_splits
+    from medai.pipelines.tasks.mil import MILOptions
 
-    bags = read_bags(path, MILOptions(**options))
-    test = [bags[i] for i in bag_splits(bags, MILOptions(**options))["test"] if bags[i].label == 1]
+    opts = MILOptions(**options)
+    data = load_dataset(path, kind="bags", **vars(opts))
+    test = [data.items[i] for i in bag_splits(data, opts.folds, opts.fold, opts.split_seed, opts.val_fraction)["test"]
+            if data.items[i].label == 1]
     lines = [f"Where attention lands (seed {seed}, positive test bags; instance labels are the images' own):", "",
              "| model | bags | malignant share of images | malignant share of attention | ratio |",
              "|---|---|---|---|---|"]

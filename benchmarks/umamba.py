@@ -24,7 +24,8 @@ sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
 
 from medai.io.data import dataset_path
 from medai.models import create_model
-from medai.pipelines.segmentation import case_records, read_split, sliding_window_logits
+from medai.io.datasets.volumes import case_records, read_split
+from medai.pipelines.segmentation import sliding_window_logits
 from medai.transforms.volume import segmentation_transforms
 
 MODELS = ("dynunet_3d", "umamba_bot_3d", "umamba_enc_3d")

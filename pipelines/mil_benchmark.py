@@ -120,15 +120,17 @@ def _fold_predictions(run_dir: Path, test_ids: list[str]) -> tuple[list[str], np
 
 def run_mil_benchmark(path: str | Path, settings: BenchmarkSettings, output_dir: str | Path) -> dict[str, Any]:
     """Cross-validate every model over every seed; return and write {model: {seed: metrics with CIs}, summary}."""
-    from medai.io.mil_bags import MILBag  # noqa: F401  (readers are imported by the task)
+    from medai.io.datasets import load_dataset
+    from medai.io.datasets.bags import bag_splits
     from medai.pipelines.finetune import finetune
     from medai.pipelines.metrics import bootstrap_ci
-    from medai.pipelines.tasks.mil import MILOptions, bag_splits, read_bags
+    from medai.pipelines.tasks.mil import MILOptions
 
     path, output_dir = Path(path), Path(output_dir)
     runs_dir = output_dir / "runs"
-    bags = read_bags(path, MILOptions(**settings.data_options))
-    fixed_split = all(b.meta.get("split") for b in bags)
+    data = load_dataset(path, kind="bags", **vars(MILOptions(**settings.data_options)))
+    bags = data.items
+    fixed_split = bool(data.splits)
     if fixed_split:  # the bags' own split (MedMNIST-bags: official image splits): one "fold", repeated over seeds
         settings = replace(settings, folds=1)
     labels = np.array([b.label for b in bags])
@@ -136,14 +138,13 @@ def run_mil_benchmark(path: str | Path, settings: BenchmarkSettings, output_dir:
     task_type = "binary" if labels.max() <= 1 else "multiclass"
     results: dict[str, Any] = {"dataset": str(path), "n_bags": len(bags), "settings": settings.__dict__, "models": {},
                                "split": "fixed" if fixed_split else "cv",
-                               "n_test_bags": sum(b.meta.get("split") == "test" for b in bags)}
+                               "n_test_bags": len(data.splits.get("test", ()))}
     for model in settings.models:
         per_seed = {}
         for seed in settings.seeds:
             pooled_ids, pooled_prob, pooled_target = [], [], []
             for fold in range(settings.folds):
-                split = bag_splits(bags, MILOptions(folds=settings.folds, fold=fold, split_seed=seed,
-                                                    val_fraction=settings.val_fraction))
+                split = bag_splits(data, settings.folds, fold, seed, settings.val_fraction)
                 cfg = _fold_config(path, model, seed, fold, settings, runs_dir)
                 run_dir = runs_dir / model / f"seed{seed}" / f"fold{fold}"
                 if not (run_dir / "predictions_test.npz").is_file():

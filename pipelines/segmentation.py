@@ -1,7 +1,8 @@
 """3D segmentation jobs on NIfTI volumes (MSD Task04 Hippocampus by default).
 
 Stages, each with an on-disk artifact:
-1. `write_split` -> a JSON split file (case ids for train / validation), fixed and committed.
+1. `medai.io.datasets.volumes.write_split` -> a JSON split file (case ids for train / validation), fixed
+   and committed; the cases and their split are the dataset format `nifti_pairs` of `medai.io.datasets`.
 2. training through the shared fine-tuning engine (`medai finetune configs/hippocampus_<model>.yaml`,
    task `pipelines.tasks.segmentation`) -> a run folder with checkpoints and `eval_val.json`.
 3. `evaluate_segmentation` -> per-case Dice and HD95 per label + bootstrap 95% CIs (JSON).
@@ -10,9 +11,7 @@ Stages, each with an on-disk artifact:
 
 from __future__ import annotations
 
-import json
 import logging
-import random
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medai.errors import DatasetNotFoundError, InvalidVolumeError
+from medai.errors import InvalidVolumeError
 from medai.transforms.volume import segmentation_transforms
 
 log = logging.getLogger(__name__)
@@ -29,94 +28,6 @@ log = logging.getLogger(__name__)
 HIPPOCAMPUS_LABELS = {1: "anterior", 2: "posterior"}
 # nnU-Net (Isensee et al. 2021), MSD Task04 five-fold cross-validation Dice, for comparison in cards.
 NNUNET_TASK04_DICE = {"anterior": 0.90, "posterior": 0.89}
-
-
-# ---------------------------------------------------------------- split and records
-def _pairs(dataset_dir: str | Path) -> dict[str, dict[str, Path]]:
-    """{case id: {'image', 'label'}} for the labelled cases of an images/ + labels/ folder (.nii or .nii.gz)."""
-    from medai.io.nifti import pair_nifti_folder
-
-    return {pair["id"]: pair for pair in pair_nifti_folder(dataset_dir)}
-
-
-def list_cases(dataset_dir: str | Path) -> list[str]:
-    """Case ids (file stems) that have both images/<id>.nii[.gz] and labels/<id>.nii[.gz], sorted."""
-    return sorted(_pairs(dataset_dir))
-
-
-def make_split(dataset_dir: str | Path, val_fraction: float = 0.2, seed: int = 0) -> dict[str, Any]:
-    """A seeded random train/validation split of the labelled cases, as a JSON-ready dict."""
-    cases = list_cases(dataset_dir)
-    if len(cases) < 2:
-        raise DatasetNotFoundError(dataset_dir, f"found {len(cases)} labelled case(s); a split needs at least 2")
-    shuffled = cases[:]
-    random.Random(seed).shuffle(shuffled)
-    n_val = max(1, round(len(cases) * val_fraction))
-    return {
-        "dataset": Path(dataset_dir).name,
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "train": sorted(shuffled[n_val:]),
-        "val": sorted(shuffled[:n_val]),
-    }
-
-
-def write_split(split: dict[str, Any], path: str | Path) -> Path:
-    """Write a split file (JSON); return its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(split, indent=1) + "\n")
-    return path
-
-
-def read_split(path: str | Path) -> dict[str, list[str]]:
-    """Read a split file; raise DatasetNotFoundError when absent, ValueError when train/val overlap."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetNotFoundError(path, "split file")
-    split = json.loads(path.read_text())
-    overlap = set(split["train"]) & set(split["val"])
-    if overlap:
-        raise ValueError(f"{path}: cases in both train and val: {sorted(overlap)[:5]}")
-    return split
-
-
-def case_records(dataset_dir: str | Path, cases: Sequence[str], with_label: bool = True) -> list[dict[str, str]]:
-    """MONAI data dicts {'image', 'label', 'case'} for the given case ids."""
-    pairs = _pairs(dataset_dir)
-    records = []
-    for case in cases:
-        if case not in pairs:
-            raise DatasetNotFoundError(Path(dataset_dir) / "images" / f"{case}.nii.gz", f"case {case} (image and label)")
-        record = {"case": case, "image": str(pairs[case]["image"])}
-        if with_label:
-            record["label"] = str(pairs[case]["label"])
-        records.append(record)
-    return records
-
-
-def discover_labels(dataset_dir: str | Path, cases: Sequence[str] | None = None) -> dict[int, str]:
-    """Foreground labels {value: name}: from an MSD `dataset.json` when present, else the values in the label files."""
-    root = Path(dataset_dir)
-    manifest = root / "dataset.json"
-    if manifest.is_file():
-        names = json.loads(manifest.read_text()).get("labels", {})
-        found = {int(k): str(v) for k, v in names.items() if int(k) != 0}
-        if found:
-            return found
-    import nibabel as nib
-
-    pairs = _pairs(root)
-    values: set[int] = set()
-    for case in cases if cases is not None else sorted(pairs):
-        data = np.asanyarray(nib.load(str(pairs[case]["label"])).dataobj)
-        if not np.allclose(data, np.round(data)):
-            raise InvalidVolumeError(pairs[case]["label"], "label volume holds non-integer values")
-        values.update(int(v) for v in np.unique(data))
-    foreground = sorted(v for v in values if v != 0)
-    if not foreground:
-        raise InvalidVolumeError(root / "labels", "no foreground label in any label volume")
-    return {value: f"label_{value}" for value in foreground}
 
 
 # ---------------------------------------------------------------- inference and metrics
@@ -317,8 +228,6 @@ def save_overlay_montage(
 
 
 __all__ = [
-    "HIPPOCAMPUS_LABELS", "NNUNET_TASK04_DICE", "case_records",
-    "discover_labels", "evaluate_segmentation", "label_metrics", "list_cases", "make_split", "predict_dicom_series", "predict_volume",
-    "read_split", "save_overlay_montage", "sliding_window_logits", "summarize_cases",
-    "write_split",
+    "HIPPOCAMPUS_LABELS", "NNUNET_TASK04_DICE", "evaluate_segmentation", "label_metrics", "predict_dicom_series",
+    "predict_volume", "save_overlay_montage", "sliding_window_logits", "summarize_cases",
 ]

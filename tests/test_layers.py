@@ -23,8 +23,6 @@ BEING_REMOVED = {
     frozenset({"medai.models.mil", "medai.pipelines.mil_checkpoints"}),
     # item 3, one pretrained-weights resolver: medai/weights stops importing up into models/
     frozenset({"medai.weights", "medai.models.efficientnet"}),
-    # item 6, pipelines/ehr.py split into data preparation, baselines and the experiment runner
-    frozenset({"medai.pipelines.ehr", "medai.pipelines.tasks.ehr"}),
 }
 
 # grimp finds `medai` through the import system, and this process has already imported the

@@ -51,7 +51,7 @@ def ehr_experiment(
     override: list[str] = override_option("Config key"),
 ) -> None:
     """Pretrain + multitask fine-tune EHRMamba and the Transformer baseline, fit the bag-of-codes baselines; print the table."""
-    from medai.pipelines.ehr import load_experiment_config, run_ehr_experiment
+    from medai.pipelines.ehr_experiment import load_experiment_config, run_ehr_experiment
 
     cfg = load_experiment_config(config, override)
     run_ehr_experiment(cfg)

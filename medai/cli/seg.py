@@ -22,7 +22,7 @@ def split(
     seed: int = typer.Option(0, help="Shuffle seed."),
 ) -> None:
     """Write a fixed, seeded train/validation split file of the labelled cases."""
-    from medai.pipelines.segmentation import make_split, write_split
+    from medai.io.datasets.volumes import make_split, write_split
 
     data = make_split(dataset_dir, val_fraction, seed)
     write_split(data, out)

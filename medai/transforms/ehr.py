@@ -413,29 +413,6 @@ def frequent_dx_groups(timelines: Iterable[PatientTimeline], top_k: int = 5) -> 
     return [g for g, _ in counts.most_common(top_k)]
 
 
-def split_patients(patient_ids: Iterable[str], fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-                   seed: int = 0, strata: dict[str, str] | None = None) -> dict[str, str]:
-    """Deterministic patient-level split {patient_id: 'train'|'val'|'test'} (no patient in two splits).
-
-    With `strata` (patient -> group, e.g. died or not) each group is split by the same fractions,
-    so rare outcomes reach every split.
-    """
-    ids = sorted(set(patient_ids))
-    groups: dict[str, list[str]] = {}
-    for pid in ids:
-        groups.setdefault((strata or {}).get(pid, ""), []).append(pid)
-    rng = np.random.default_rng(seed)
-    out = {}
-    for key in sorted(groups):
-        members = groups[key]
-        order = rng.permutation(len(members))
-        n_train = int(round(fractions[0] * len(members)))
-        n_val = int(round(fractions[1] * len(members)))
-        for rank, i in enumerate(order):
-            out[members[i]] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
-    return out
-
-
 def pad_batch(items: list[dict], pad_id: int = 0, max_length: int | None = None) -> dict:
     """Right-pad encoded sequences (numpy arrays per key) into a batch of torch tensors with attention_mask."""
     import torch

@@ -1,14 +1,17 @@
 """Task plug-ins for the shared fine-tuning engine.
 
-A task turns a config's `data` section into datasets, builds the model, computes the training
-loss, and turns model outputs into per-item predictions and metrics. The engine
+A task reads its dataset through `medai.io.datasets` and turns the items into tensors, builds the
+model, computes the training loss, and turns model outputs into per-item predictions and metrics. The engine
 (`pipelines.finetune`) owns everything else: devices, precision, accumulation, checkpoints,
-resume, logging. Register a task with `@register_task("name")` in `pipelines/tasks/<name>.py`.
+resume, logging. Register a task with `@register_task("name")` in `pipelines/tasks/<name>.py` (or
+`<prefix>.py` for names `<prefix>_...`): `get_task` imports only that module, so a run imports only
+what its task needs.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 import zlib
 from abc import ABC, abstractmethod
@@ -95,10 +98,25 @@ def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
     return wrap
 
 
-def get_task(name: str, options: dict[str, Any] | None = None) -> Task:
-    """Instantiate the registered task `name` (importing every task module first)."""
+def _import_task_module(name: str) -> None:
+    """Import the module that registers task `name`: `tasks/<name>.py`, else the module of its prefix
+    (`ehr_pretrain` lives in `tasks/ehr.py`); an unknown name imports every task module, so the
+    registry's error can list them all."""
     import medai.pipelines.tasks as package
 
+    parts = name.split("_")
+    for end in range(len(parts), 0, -1):
+        module = "_".join(parts[:end])
+        if importlib.util.find_spec(f"{package.__name__}.{module}") is not None:
+            importlib.import_module(f"{package.__name__}.{module}")
+            if name in TASKS:
+                return
     for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"medai.pipelines.tasks.{info.name}")
+        importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+def get_task(name: str, options: dict[str, Any] | None = None) -> Task:
+    """Instantiate the registered task `name`, importing only the module that registers it."""
+    if name not in TASKS:
+        _import_task_module(name)
     return TASKS.get(name)(dict(options or {}))

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from medai.io.images import load_image_table, read_image
-from medai.io.medmnist import load_medmnist
+from medai.io.datasets import check_format, load_dataset
+from medai.io.images import read_image
 from medai.pipelines.metrics import classification_metrics
 from medai.pipelines.tasks import Task, TaskData, item_generator, register_task
 
@@ -24,7 +24,7 @@ MEAN, STD = 0.5, 0.5
 class ClassificationOptions:
     """`data.options` of the classification task."""
 
-    format: Literal["auto", "medmnist", "image_csv"] = "auto"
+    format: str = "auto"  # an images format of medai.io.datasets (medmnist, image_csv), or detected from the path
     task: Literal["binary", "multiclass", "multilabel", "ordinal"] | None = None  # None: read from the file
     image_size: int | None = None  # resize to this (None: keep the file's size)
     channels: int | None = None  # force 1 or 3 channels (None: the file's)
@@ -32,6 +32,9 @@ class ClassificationOptions:
     image_column: str = "image"
     label_column: str = "label"
     split_column: str = "split"
+
+    def __post_init__(self) -> None:
+        check_format(self.format, "images")
 
 
 class ImageClassificationDataset(Dataset):
@@ -86,34 +89,21 @@ class ClassificationTask(Task):
     options_cls = ClassificationOptions
 
     def setup(self, data_cfg: Any, seed: int) -> TaskData:
-        """Read the dataset file(s) and build train/val/test datasets."""
+        """Read the dataset (medai.io.datasets, kind "images") and build train/val/test datasets."""
         opts: ClassificationOptions = self.options
-        path = data_cfg.path
-        fmt = opts.format
-        if fmt == "auto":
-            fmt = "medmnist" if str(path).endswith(".npz") else "image_csv"
-        if fmt == "medmnist":
-            data = load_medmnist(path, task=opts.task)
-            if data.spatial_dims != 2:
-                raise ValueError(f"{path}: 3D MedMNIST volumes need a 3D model task, not 2D classification")
-            channels = opts.channels or data.channels
-            splits = {s: (v.images, v.labels) for s, v in data.splits.items()}
-            task, num_classes, from_files = data.task, data.num_classes, False
-            class_names = [str(i) for i in range(num_classes)]
-        else:
-            table = load_image_table(path, None, opts.image_column, opts.label_column, opts.split_column)
-            channels = opts.channels or 3
-            splits = table.splits
-            num_classes = max(2, len(table.class_names))
-            task = opts.task or ("binary" if num_classes == 2 else "multiclass")
-            from_files, class_names = True, table.class_names
+        data = load_dataset(data_cfg.path, kind="images", **vars(opts))
+        if data.meta["spatial_dims"] != 2:
+            raise ValueError(f"{data.path}: 3D MedMNIST volumes need a 3D model task, not 2D classification")
+        task, num_classes = data.meta["task"], data.meta["num_classes"]
+        channels = opts.channels or data.meta["channels"]
+        splits = {name: data.split(name) for name in data.splits}
         self.task_type, self.num_classes = task, num_classes
         datasets = {
-            split: ImageClassificationDataset(images, labels, channels, opts.image_size,
-                                              opts.augment and split == "train", seed, from_files)
-            for split, (images, labels) in splits.items()
+            split: ImageClassificationDataset(items.images, items.labels, channels, opts.image_size,
+                                              opts.augment and split == "train", seed, items.from_files)
+            for split, items in splits.items()
         }
-        train_labels = splits["train"][1]
+        train_labels = splits["train"].labels
         weights = None
         if task != "multilabel":
             counts = np.bincount(train_labels[:, 0], minlength=num_classes).astype(float)
@@ -121,7 +111,7 @@ class ClassificationTask(Task):
         info = {
             "task_type": task,
             "num_classes": num_classes,
-            "class_names": class_names,
+            "class_names": data.meta["class_names"],
             "channels": channels,
             "class_counts_train": np.bincount(train_labels[:, 0], minlength=num_classes).tolist()
             if task != "multilabel" else train_labels.sum(0).tolist(),

@@ -1,8 +1,8 @@
 """EHR tasks for the fine-tuning engine: next-token pretraining and multitask prompted fine-tuning.
 
-Both build the same prepared data from the same options (`pipelines.ehr.prepare_ehr`: patient
-split, tokenizer fit on training patients), so a pretraining run's weights load into the
-fine-tuning model (same vocabulary and classifier width). `data.path` is the main EHR source
+Both build the same prepared data from the same options (`pipelines.ehr_data.prepare_ehr`: the
+dataset format `ehr_timelines` split by patient, tokenizer fit on training patients), so a
+pretraining run's weights load into the fine-tuning model (same vocabulary and classifier width). `data.path` is the main EHR source
 (MIMIC-IV table folder, FHIR files or folder, MEDS folder); `data.options.extra_sources` adds more.
 """
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from medai.pipelines.ehr import EHRDataOptions, encode_sample, multitask_metrics, prepare_ehr, pretraining_windows
+from medai.pipelines.ehr_data import EHRDataOptions, encode_sample, prepare_ehr, pretraining_windows
 from medai.pipelines.tasks import Task, TaskData, register_task
 
 
@@ -53,6 +53,33 @@ def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     if "task_index" in items[0]:
         batch["task_index"] = torch.as_tensor(np.array([it["task_index"] for it in items]))
     return batch
+
+
+def multitask_metrics(preds: dict[str, np.ndarray], layout: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """AUROC/AUPRC per task (macro over groups for next_visit_dx) and their means over tasks.
+
+    `preds` holds per-item `task_index`, `probs` and `targets` (num_labels wide). A task whose
+    items hold one class only gets NaN (reported, not hidden).
+    """
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    out: dict[str, float] = {}
+    for k, (task, (start, stop)) in enumerate(layout.items()):
+        sel = preds["task_index"] == k
+        y, p = preds["targets"][sel, start:stop], preds["probs"][sel, start:stop]
+        if stop - start > 1:
+            keep = [j for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]
+            y, p = y[:, keep], p[:, keep]
+            ok = len(keep) > 0
+        else:
+            y, p = y[:, 0], p[:, 0]
+            ok = 0 < y.sum() < len(y)
+        out[f"{task}_auroc"] = float(roc_auc_score(y, p, average="macro")) if ok else float("nan")
+        out[f"{task}_auprc"] = float(average_precision_score(y, p, average="macro")) if ok else float("nan")
+    for metric in ("auroc", "auprc"):
+        values = [v for key, v in out.items() if key.endswith(metric) and np.isfinite(v)]
+        out[f"mean_{metric}"] = float(np.mean(values)) if values else float("nan")
+    return out
 
 
 def _options(task: Task) -> EHRTaskOptions:

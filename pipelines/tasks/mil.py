@@ -1,9 +1,10 @@
 """Slide-level multiple-instance classification: one bag per batch through the shared engine.
 
-Bags come from any reader in `medai.io.mil_bags` (MIL-toolbox .mat, bag CSV, SICAPv2 tables,
-CLAM HDF5 folders with a labels CSV). Splits come from a `slide_id,split` file, or are drawn
-as stratified k-fold cross-validation (fold `fold` of `folds` is the test set, a stratified
-`val_fraction` of the rest the validation set; `split_seed` picks the repetition).
+Bags come from any bags format of `medai.io.datasets` (MIL-toolbox .mat, bag CSV, SICAPv2 tables,
+CLAM HDF5 folders with a labels CSV, MedMNIST-bags). Splits are the data's own (a `slide_id,split`
+file, MedMNIST-bags' image splits), or are drawn as stratified k-fold cross-validation (fold `fold`
+of `folds` is the test set, a stratified `val_fraction` of the rest the validation set; `split_seed`
+picks the repetition).
 The best epoch is chosen by validation AUROC + F1, as the ACMIL authors do (ties broken by NLL).
 """
 
@@ -11,22 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from medai.io.mil_bags import (
-    MILBag,
-    build_medmnist_bags,
-    read_bag_csv,
-    read_clam_bags,
-    read_mil_toolbox_mat,
-    read_sicapv2_bags,
-    read_splits,
-)
+from medai.io.datasets import check_format, load_dataset
+from medai.io.datasets.bags import bag_splits
+from medai.io.mil_bags import MILBag
 from medai.transforms.mil import subsample_instances
 from medai.models.mil import mil_loss
 from medai.pipelines.metrics import classification_metrics
@@ -37,7 +32,7 @@ from medai.pipelines.tasks import Task, TaskData, item_seed, register_task
 class MILOptions:
     """`data.options` of the MIL task."""
 
-    format: Literal["auto", "mil_toolbox", "bag_csv", "sicapv2", "clam_h5", "medmnist_bags"] = "auto"
+    format: str = "auto"  # a bags format of medai.io.datasets, or detected from the path
     labels_csv: Path | None = None  # clam_h5: slide_id,label
     splits_csv: Path | None = None  # slide_id,split; None: stratified k-fold below
     folds: int = 10
@@ -55,68 +50,8 @@ class MILOptions:
     prevalence: float = 0.5
     positive_class: int = 1  # the abnormal class: 0 (malignant) for BreastMNIST, 1 (pneumonia) for PneumoniaMNIST
 
-
-def read_bags(path: Path, opts: MILOptions) -> list[MILBag]:
-    """Read bags from `path` in the configured (or inferred) format."""
-    fmt = opts.format
-    if fmt == "auto":
-        if path.suffix == ".mat":
-            fmt = "mil_toolbox"
-        elif path.suffix == ".csv":
-            fmt = "bag_csv"
-        elif path.is_dir() and (path / "Test.csv").is_file():
-            fmt = "sicapv2"
-        else:
-            fmt = "clam_h5"
-    if fmt == "mil_toolbox":
-        return read_mil_toolbox_mat(path)
-    if fmt == "bag_csv":
-        return read_bag_csv(path)
-    if fmt == "sicapv2":
-        return read_sicapv2_bags(path)
-    if fmt == "medmnist_bags":
-        from medai.io.medmnist import load_medmnist
-
-        data = load_medmnist(path)
-        total = sum(len(split.labels) for split in data.splits.values())
-        bags = []
-        # Bags of each official split draw only that split's images, so no image is in a train bag and a test
-        # bag; a fixed bag-building seed gives every model and training seed the same bags.
-        for offset, (name, split) in enumerate(data.splits.items()):
-            n = max(2, round(opts.n_bags * len(split.labels) / total))
-            for bag in build_medmnist_bags(split.images, split.labels, n, opts.bag_size, opts.bag_size_sd,
-                                           opts.prevalence, opts.positive_class, seed=offset, prefix=f"{name}_bag"):
-                bag.meta["split"] = name
-                bags.append(bag)
-        return bags
-    if opts.labels_csv is None:
-        raise ValueError(f"{path}: HDF5 feature folders need data.options.labels_csv (slide_id,label)")
-    return read_clam_bags(path, opts.labels_csv)
-
-
-def stratified_cv_split(labels: np.ndarray, folds: int, fold: int, seed: int, val_fraction: float) -> dict[str, np.ndarray]:
-    """Return {train, val, test} index arrays: fold `fold` of a stratified k-fold as test, a stratified val carve-out."""
-    from sklearn.model_selection import StratifiedKFold, train_test_split
-
-    if not 0 <= fold < folds:
-        raise ValueError(f"fold must be in [0, {folds}), got {fold}")
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    train_val, test = list(splitter.split(np.zeros(len(labels)), labels))[fold]
-    n_val = max(len(np.unique(labels)), int(round(val_fraction * len(train_val))))
-    train, val = train_test_split(train_val, test_size=n_val, stratify=labels[train_val], random_state=seed)
-    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
-
-
-def bag_splits(bags: list[MILBag], opts: MILOptions) -> dict[str, np.ndarray]:
-    """{train, val, test} bag indices: the bags' own split (meta "split", e.g. MedMNIST-bags), else stratified CV."""
-    named = [b.meta.get("split") for b in bags]
-    if all(named):
-        splits = {k: np.flatnonzero(np.array(named) == k) for k in ("train", "val", "test")}
-        if not len(splits["train"]) or not len(splits["test"]):
-            raise ValueError(f"bags carry their split, but train or test is empty: {sorted(set(named))}")
-        return splits
-    labels = np.array([b.label for b in bags])
-    return stratified_cv_split(labels, opts.folds, opts.fold, opts.split_seed, opts.val_fraction)
+    def __post_init__(self) -> None:
+        check_format(self.format, "bags")
 
 
 class MILBagDataset(Dataset):
@@ -162,18 +97,10 @@ class MILTask(Task):
     def setup(self, data_cfg: Any, seed: int) -> TaskData:
         """Read the bags, split them, and build the datasets."""
         opts: MILOptions = self.options
-        path = Path(data_cfg.path)
-        bags = read_bags(path, opts)
+        data = load_dataset(data_cfg.path, kind="bags", **vars(opts))
+        bags: list[MILBag] = data.items
         labels = np.array([b.label for b in bags])
-        if opts.splits_csv is not None:
-            by_id = {b.bag_id: i for i, b in enumerate(bags)}
-            named = read_splits(opts.splits_csv)
-            missing = [s for ids in named.values() for s in ids if s not in by_id]
-            if missing:
-                raise ValueError(f"{opts.splits_csv}: slides without bags: {missing[:5]}")
-            splits = {k: np.array([by_id[s] for s in ids], dtype=int) for k, ids in named.items()}
-        else:
-            splits = bag_splits(bags, opts)
+        splits = bag_splits(data, opts.folds, opts.fold, opts.split_seed, opts.val_fraction)
         mean = std = None
         if opts.standardize:
             train_features = np.concatenate([bags[i].features for i in splits["train"]])
@@ -183,7 +110,7 @@ class MILTask(Task):
                                  augment=split == "train", seed=seed)
             for split, idx in splits.items() if len(idx)
         }
-        self.num_classes = int(max(2, labels.max() + 1))
+        self.num_classes = data.meta["num_classes"]
         self.task_type = "binary" if self.num_classes == 2 else "multiclass"
         self._train = datasets["train"]
         counts = np.bincount(labels[splits["train"]], minlength=self.num_classes)
@@ -191,11 +118,11 @@ class MILTask(Task):
         info = {
             "task_type": self.task_type,
             "num_classes": self.num_classes,
-            "in_features": int(bags[0].features.shape[1]),
+            "in_features": data.meta["in_features"],
             "split_sizes": {k: int(len(v)) for k, v in splits.items()},
             "split_bag_ids": {k: [bags[i].bag_id for i in v] for k, v in splits.items()},
             "class_counts_train": counts.tolist(),
-            "model_kwargs": {"num_classes": self.num_classes, "in_features": int(bags[0].features.shape[1])},
+            "model_kwargs": {"num_classes": self.num_classes, "in_features": data.meta["in_features"]},
         }
         return TaskData(datasets, info, weights, collate_fn=collate_bags)
 

@@ -2,9 +2,9 @@
 
 Training items are random ROI crops (MONAI transforms, Dice + cross-entropy loss); validation
 items are whole volumes, scored by sliding-window inference with Gaussian blending, Dice and
-HD95 (mm) per label. Any images/ + labels/ NIfTI folder works by file: without a split file the
-cases are split by the run's seed (and the split is kept in the run's info), without configured
-labels they come from the folder's `dataset.json` or the values in its label volumes.
+HD95 (mm) per label. Any images/ + labels/ NIfTI folder works (`medai.io.datasets.volumes`):
+without a split file the cases are split by the run's seed (and the split is kept in the run's
+info), without configured labels they come from the folder's `dataset.json` or its label volumes.
 Crops are drawn from a generator seeded by (seed, epoch, item), so resume is exact.
 """
 
@@ -19,14 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from medai.pipelines.segmentation import (
-    case_records,
-    discover_labels,
-    label_metrics,
-    make_split,
-    read_split,
-    sliding_window_logits,
-)
+from medai.io.datasets import load_dataset
+from medai.pipelines.segmentation import label_metrics, sliding_window_logits
 from medai.pipelines.tasks import Task, TaskData, item_seed, register_task
 
 
@@ -94,23 +88,18 @@ class SegmentationTask(Task):
     options_cls = SegmentationOptions
 
     def setup(self, data_cfg: Any, seed: int) -> TaskData:
-        """Read the split file and load train/val volumes from `data.path` (an MSD task folder)."""
+        """Read the cases and their split (medai.io.datasets, kind "volumes") and load train/val volumes."""
         opts: SegmentationOptions = self.options
-        if opts.split_file is not None:
-            split = read_split(opts.split_file)
-        else:
-            split = make_split(data_cfg.path, opts.val_fraction, seed)
-        if opts.labels is None:
-            opts.labels = discover_labels(data_cfg.path, split["train"])
-        val_cases = split["val"][: opts.val_cases] if opts.val_cases else split["val"]
+        data = load_dataset(data_cfg.path, kind="volumes", seed=seed, **vars(opts))
+        opts.labels = data.meta["labels"]
+        val = data.split("val")
         datasets = {
-            "train": VolumeDataset(case_records(data_cfg.path, split["train"]), opts, True, seed),
-            "val": VolumeDataset(case_records(data_cfg.path, val_cases), opts, False, seed),
+            "train": VolumeDataset(data.split("train"), opts, True, seed),
+            "val": VolumeDataset(val[: opts.val_cases] if opts.val_cases else val, opts, False, seed),
         }
         info = {
             "labels": labels_of(opts),
-            "split": {"source": str(opts.split_file) if opts.split_file else f"seeded split (seed {seed})",
-                      "train": split["train"], "val": split["val"]},
+            "split": data.meta["split"],
             "roi_size": list(opts.roi_size),
             "cases": {name: ds.cases for name, ds in datasets.items()},
             "model_kwargs": {"in_channels": 1, "out_channels": 1 + len(opts.labels)},

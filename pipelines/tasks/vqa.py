@@ -5,9 +5,9 @@ stage `instruct` adds LoRA adapters to the LM through the engine's `model.lora` 
 `modules_to_save: [projector]`), starting from the stage-1 checkpoint via `model.pretrained`.
 `image_mode: none` trains the question-only (blind) baseline of the same LM.
 
-Splits: VQA-RAD's official test split is never trained on (see medai.io.vqa_rad); a validation
-split is drawn from the training questions (seeded), grouped by image so a validation image's
-questions are all held out together.
+Splits (`medai.io.datasets.vqa`): VQA-RAD's official test split is never trained on (see
+medai.io.vqa_rad); a validation split is drawn from the training questions (seeded by the run),
+grouped by image so a validation image's questions are all held out together.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from medai.io.vqa_rad import VQAItem, load_vqa_rad
+from medai.io.datasets import load_dataset
+from medai.io.vqa_rad import VQAItem
 from medai.pipelines.tasks import Task, TaskData, item_generator, register_task
 from medai.pipelines.metrics import closed_correct, token_scores
 
@@ -93,14 +94,6 @@ def collate_vqa(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def split_train_val(items: list[VQAItem], fraction: float, seed: int) -> tuple[list[VQAItem], list[VQAItem]]:
-    """Hold out `fraction` of the training images (with all their questions) for validation."""
-    images = sorted({it.image_path.name for it in items})
-    rng = np.random.default_rng(seed)
-    held = set(rng.choice(images, size=max(1, round(fraction * len(images))), replace=False).tolist())
-    return [it for it in items if it.image_path.name not in held], [it for it in items if it.image_path.name in held]
-
-
 def vqa_metrics(predictions: dict[str, np.ndarray]) -> dict[str, float]:
     """Closed accuracy and open exact/recall/F1 (fractions) of concatenated predictions."""
     closed = predictions["closed"].astype(bool)
@@ -131,9 +124,8 @@ class VQATask(Task):
     def setup(self, data_cfg: Any, seed: int) -> TaskData:
         """Official train/test split of VQA-RAD; validation images drawn from train."""
         opts = self._opts()
-        train_all = load_vqa_rad(data_cfg.path, "train")
-        train, val = split_train_val(train_all, opts.val_fraction, seed)
-        test = load_vqa_rad(data_cfg.path, "test")
+        data = load_dataset(data_cfg.path, kind="vqa", seed=seed, **vars(opts))
+        train, val, test = (data.split(name) for name in ("train", "val", "test"))
         with_images = opts.image_mode == "image"
         datasets = {name: VQADataset(items, opts.image_size, with_images, opts.augment and name == "train", seed)
                     for name, items in (("train", train), ("val", val), ("test", test))}

@@ -93,7 +93,8 @@ def test_bad_options_are_named():
 
 
 def test_shipped_hippocampus_checkpoint_segments_validation_volumes(msd_hippocampus_path):
-    from medai.pipelines.segmentation import case_records, evaluate_segmentation, read_split
+    from medai.io.datasets.volumes import case_records, read_split
+    from medai.pipelines.segmentation import evaluate_segmentation
 
     model = create_model("umamba_bot_3d", pretrained="msd_hippocampus", features=(16, 32, 64, 128))
     val = read_split("configs/splits/msd_task04_hippocampus.json")["val"]

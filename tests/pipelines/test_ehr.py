@@ -1,4 +1,5 @@
-"""EHR jobs: prepared task data on the real MIMIC demo, per-task metrics, explanations, the experiment."""
+"""EHR jobs: prepared task data on the real MIMIC demo, per-task metrics, explanations, the experiment
+(pipelines/ehr_data.py, tasks/ehr.py, ehr_baselines.py, ehr_experiment.py)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from medai.transforms.ehr import CLS, TASK_TOKENS, EHRTokenizer
-from medai.pipelines.ehr import (
+from medai.pipelines.ehr_data import (
     EHRDataOptions,
     PreparedEHR,
     classifier_layout,
     encode_sample,
-    explain_sample,
-    multitask_metrics,
     prepare_ehr,
     pretraining_windows,
     task_counts,
 )
+from medai.pipelines.ehr_experiment import explain_sample
+from medai.pipelines.tasks.ehr import multitask_metrics
+from medai.transforms.ehr import CLS, TASK_TOKENS, EHRTokenizer
 
 TASKS = ["mortality_inhospital", "los_gt_7d", "readmission_30d", "next_visit_dx"]
 
@@ -107,7 +108,7 @@ def test_integrated_gradients_are_complete_and_map_to_events(prepared: PreparedE
 
 @pytest.mark.slow
 def test_experiment_runs_end_to_end(mimic_iv_demo_path: Path, tmp_path: Path):
-    from medai.pipelines.ehr import EHRExperimentConfig, NeuralModelSpec, StageSpec, run_ehr_experiment
+    from medai.pipelines.ehr_experiment import EHRExperimentConfig, NeuralModelSpec, StageSpec, run_ehr_experiment
 
     cfg = EHRExperimentConfig(
         data_path=mimic_iv_demo_path, options={"tasks": TASKS, "max_length": 32},

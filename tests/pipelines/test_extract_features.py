@@ -253,7 +253,7 @@ def test_extracted_features_are_the_bags_the_mil_task_reads(
     import h5py
 
     from medai.io.patch_h5 import read_coords_h5
-    from medai.pipelines.tasks.mil import MILOptions, read_bags
+    from medai.io.datasets import load_dataset
 
     out = tmp_path / "run"
     entries = [
@@ -265,7 +265,7 @@ def test_extracted_features_are_the_bags_the_mil_task_reads(
     labels = tmp_path / "labels.csv"
     labels.write_text("slide_id,label\ncmu,1\ndicom,0\n")
     # the MIL task's own entry point for a folder of HDF5 feature files (CLAM layout)
-    bags = read_bags(out / "features", MILOptions(format="clam_h5", labels_csv=labels))
+    bags = load_dataset(out / "features", "clam_h5", labels_csv=labels).items
     assert [(b.bag_id, b.label) for b in bags] == [("cmu", 1), ("dicom", 0)]
     for bag in bags:
         with h5py.File(out / "features" / f"{bag.bag_id}.h5", "r") as handle:

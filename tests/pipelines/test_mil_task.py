@@ -8,11 +8,13 @@ import torch
 
 from medai.models import registry as models
 from medai.pipelines.mil_heatmaps import attention_grid, attention_maps, save_attention_maps
-from medai.pipelines.tasks.mil import MILOptions, collate_bags, read_bags, stratified_cv_split
+from medai.io.datasets import load_dataset
+from medai.io.datasets.bags import bag_splits, stratified_cv_split
+from medai.pipelines.tasks.mil import collate_bags
 
 
 def test_cv_splits_are_disjoint_stratified_and_cover_every_bag(mil_classic_path):
-    labels = np.array([b.label for b in read_bags(mil_classic_path / "musk1" / "musk1.mat", MILOptions())])
+    labels = np.array([b.label for b in load_dataset(mil_classic_path / "musk1" / "musk1.mat", kind="bags").items])
     tests = []
     for fold in range(10):
         split = stratified_cv_split(labels, 10, fold, seed=0, val_fraction=0.1)
@@ -111,11 +113,10 @@ def test_fast_binary_metrics_equal_scikit_learn():
 def test_medmnist_bags_keep_official_splits_apart(breastmnist_path, tmp_path):
     from medai.io.medmnist import load_medmnist
     from medai.pipelines.mil_benchmark import BenchmarkSettings, run_mil_benchmark
-    from medai.pipelines.tasks.mil import bag_splits
-
     options = {"format": "medmnist_bags", "n_bags": 120, "bag_size": 6, "positive_class": 0}
-    bags = read_bags(breastmnist_path, MILOptions(**options))
-    splits = bag_splits(bags, MILOptions(**options, folds=10, fold=3))  # folds do not apply to the images' own split
+    dataset = load_dataset(breastmnist_path, kind="bags", **options)
+    bags = dataset.items
+    splits = bag_splits(dataset, folds=10, fold=3)  # folds do not apply to the images' own split
     data = load_medmnist(breastmnist_path)
     sizes = {name: len(split.labels) for name, split in data.splits.items()}
     for name, index in splits.items():

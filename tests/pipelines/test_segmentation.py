@@ -1,42 +1,23 @@
-"""Split, metrics, sliding-window inference and outputs of the 3D segmentation pipeline."""
+"""Metrics, sliding-window inference, training by file and outputs of the 3D segmentation pipeline."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
+from medai.io.datasets.volumes import case_records
 from medai.models import create_model
 from medai.pipelines.segmentation import (
-    case_records,
     evaluate_segmentation,
     label_metrics,
-    make_split,
     predict_volume,
-    read_split,
     sliding_window_logits,
     summarize_cases,
 )
-
-SPLIT_FILE = Path("configs/splits/msd_task04_hippocampus.json")
-
-
-def test_committed_split_is_reproducible_and_disjoint(msd_hippocampus_path):
-    committed = read_split(SPLIT_FILE)
-    assert committed == make_split(msd_hippocampus_path, committed["val_fraction"], committed["seed"])
-    assert len(committed["train"]) == 160 and len(committed["val"]) == 40
-    assert not set(committed["train"]) & set(committed["val"])
-
-
-def test_overlapping_split_is_refused(tmp_path):
-    path = tmp_path / "split.json"
-    path.write_text(json.dumps({"train": ["a", "b"], "val": ["b"]}))
-    with pytest.raises(ValueError, match="both train and val"):
-        read_split(path)
 
 
 def test_label_metrics_on_known_shapes():
@@ -145,9 +126,9 @@ def test_nifti_folder_trains_by_file_without_split_or_label_config(msd_hippocamp
     """An images/ + labels/ folder (mixed .nii and .nii.gz) needs no split file and no label names."""
     import nibabel as nib
 
+    from medai.io.datasets.volumes import discover_labels, list_cases
     from medai.pipelines.finetune import finetune
     from medai.pipelines.train_config import load_train_config
-    from medai.pipelines.segmentation import discover_labels, list_cases
 
     folder = tmp_path / "task"
     for sub in ("images", "labels"):

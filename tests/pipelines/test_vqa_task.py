@@ -10,8 +10,6 @@ import torch
 
 from medai.pipelines.finetune import finetune
 from medai.pipelines.train_config import load_train_config
-from medai.pipelines.tasks.vqa import split_train_val
-from medai.io.vqa_rad import load_vqa_rad
 from tests.models.tiny_vlms import tiny_lm_path  # noqa: F401
 
 
@@ -64,13 +62,6 @@ def test_align_then_lora_instruct_then_blind(mini_vqa_rad, tiny_lm_path, tmp_pat
     assert instruct.test_report is not None
     blind = finetune(load_train_config("configs/vqa_rad_blind.yaml", _overrides(mini_vqa_rad, tiny_lm_path, out)), "never")
     assert set(blind.test_report["metrics"]) == set(instruct.test_report["metrics"])
-
-
-def test_validation_holds_out_whole_images(vqa_rad_path):
-    train = load_vqa_rad(vqa_rad_path, "train")
-    fit, val = split_train_val(train, 0.1, seed=0)
-    assert len(fit) + len(val) == len(train) and val
-    assert not {it.image_path.name for it in fit} & {it.image_path.name for it in val}
 
 
 def test_augmentation_is_train_only_seeded_and_bounded(mini_vqa_rad):

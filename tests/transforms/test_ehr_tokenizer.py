@@ -19,8 +19,8 @@ from medai.transforms.ehr import (
     derive_task_samples,
     frequent_dx_groups,
     interval_token,
-    split_patients,
 )
+from medai.io.datasets.ehr import split_patients
 
 T0 = datetime(2020, 1, 1, 8, 0, tzinfo=timezone.utc)
 
