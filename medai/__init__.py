@@ -1,8 +1,8 @@
 """medai: medical multimodal AI pipeline (DICOM, WSI, EHR in; grounded model outputs out).
 
-One import root. The product card keeps `models/`, `kernels/`, `pipelines/`, `checkpoints/` and
-`configs/` at the repository root; they are the subpackages `medai.models`, `medai.kernels`,
-`medai.pipelines`, `medai.checkpoints` and `medai.configs`:
+One import root. The product card keeps `models/`, `kernels/`, `pipelines/`, `checkpoints/`,
+`configs/` and `data_cards/` at the repository root; they are the subpackages `medai.models`,
+`medai.kernels`, `medai.pipelines`, `medai.checkpoints`, `medai.configs` and `medai.data_cards`:
 - in a built wheel, setuptools' `package-dir` mapping (pyproject.toml) places them inside `medai/`;
 - in a source checkout (editable install, or tests run from the root), the finder below maps each
   name onto its root folder, relative to this file, so a second worktree imports its own copy.
@@ -13,14 +13,13 @@ so Python started in the checkout still imports Hugging Face's top-level `kernel
 from __future__ import annotations
 
 import importlib.machinery
-import importlib.util
 import sys
 from pathlib import Path
 
 __version__ = "0.1.0"
 
 # subpackage name -> folder beside medai/ in a source checkout
-_CARD_FOLDERS = ("models", "kernels", "pipelines", "checkpoints", "configs")
+_CARD_FOLDERS = ("models", "kernels", "pipelines", "checkpoints", "configs", "data_cards")
 
 
 class _CheckoutLayoutFinder:
@@ -34,15 +33,9 @@ class _CheckoutLayoutFinder:
         prefix, _, name = fullname.partition(".")
         if prefix != __name__ or name not in _CARD_FOLDERS:
             return None
-        folder = self.root / name
-        init = folder / "__init__.py"
-        if init.is_file():
-            return importlib.util.spec_from_file_location(fullname, init, submodule_search_locations=[str(folder)])
-        if folder.is_dir():
-            spec = importlib.machinery.ModuleSpec(fullname, None, is_package=True)
-            spec.submodule_search_locations = [str(folder)]
-            return spec
-        return None
+        # Python's own path finder, pointed at the checkout root: a folder with `__init__.py` becomes a
+        # regular package, one without a namespace package that importlib.resources can read.
+        return importlib.machinery.PathFinder.find_spec(fullname, [str(self.root)])
 
 
 def _install_checkout_finder() -> None:

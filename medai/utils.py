@@ -1,4 +1,4 @@
-"""Small shared helpers: lazy optional imports, hashing, seeding."""
+"""Small shared helpers: lazy optional imports, hashing, seeding, atomic writes, shipped files."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import hashlib
 import importlib
 import os
 import random
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -52,6 +56,83 @@ def cache_dir() -> Path:
     return root
 
 
-def repo_root() -> Path:
-    """Return the source checkout's root (the folder holding pyproject.toml)."""
-    return Path(__file__).resolve().parent.parent
+def temporary_sibling(path: str | Path) -> Path:
+    """Return a unique hidden temporary name beside `path`: `.<name>.<pid>.<random>.tmp`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def previous_copy(path: str | Path) -> Path:
+    """Return where `replace_folder` keeps the previous copy of `path` while it swaps folders."""
+    path = Path(path)
+    return path.with_name(path.name + ".old")
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Move folder `new` onto `final` so that one complete copy is on disk at every moment.
+
+    A folder cannot be renamed over a non-empty one, so the old copy first moves aside to
+    `previous_copy(final)`; a crash between the two renames leaves it there for readers to find.
+    """
+    old = previous_copy(final)
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+@contextmanager
+def atomic_write(path: str | Path, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write a file or a folder into; on success it becomes `path`.
+
+    The temporary (`temporary_sibling`) lies in the same folder, so the final rename is atomic and
+    readers never see half a file; on an exception it is removed and `path` is left untouched. A
+    folder replaces an existing `path` through `replace_folder`. With `keep_existing`, a `path` that
+    another process finished meanwhile is kept and ours dropped (for caches, where both are equal).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(path)
+    try:
+        yield tmp
+        if keep_existing and path.exists():
+            return
+        if tmp.is_dir():
+            replace_folder(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def shipped_file(relative: str | Path) -> Path:
+    """Return a file shipped inside the installed medai package, e.g. 'configs/breastmnist_resnet18.yaml'.
+
+    The first part names medai's data package (checkpoints, configs, data_cards: `medai.<part>`),
+    found through importlib.resources, so a wheel installed anywhere finds its own files.
+    """
+    from importlib.resources import files
+
+    package, _, rest = Path(relative).as_posix().partition("/")
+    if not rest:
+        raise ValueError(f"'{relative}' names no file inside a medai data package (e.g. configs/x.yaml)")
+    try:
+        root = files(f"medai.{package}")
+    except ModuleNotFoundError:
+        raise FileNotFoundError(f"medai ships no package '{package}' (looking for {relative})") from None
+    path = Path(str(root.joinpath(rest)))
+    if not path.is_file():
+        raise FileNotFoundError(f"medai ships no file {relative} (looked at {path})")
+    return path
+
+
+def repo_root() -> Path | None:
+    """Return the source checkout's root (holding pyproject.toml), or None when medai runs installed from a wheel."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "models").is_dir() else None

@@ -3,14 +3,14 @@
 A checkpoint folder holds `model.safetensors`, `optimizer.safetensors` (tensors; the param
 groups and non-tensor state go into its metadata), optional `ema.safetensors`, one
 `rng_rank{r}.safetensors` per process, and `trainer_state.json`. Folders are written under a
-temporary name and renamed, so a crash never leaves a half-written `last/`.
+temporary name and moved into place by `medai.utils.replace_folder`, so a crash never leaves a
+half-written `last/`.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medai.errors import CheckpointError
+from medai.utils import previous_copy
 
 
 def optimizer_to_safetensors(optimizer: torch.optim.Optimizer, path: Path) -> None:
@@ -109,26 +110,14 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def commit_folder(tmp: Path, final: Path) -> None:
-    """Replace `final` by `tmp` so that one complete copy always exists on disk."""
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def run_weights(run_dir: Path, checkpoint: str = "best") -> Path:
     """Return the model weights file of a `medai finetune` run's `best` or `last` checkpoint."""
     return Path(run_dir) / "checkpoints" / checkpoint / "model.safetensors"
 
 
 def find_checkpoint(folder: Path) -> Path | None:
-    """Return the complete checkpoint at `folder` (or its `.old` twin after a crash mid-rename)."""
-    for candidate in (folder, folder.with_name(folder.name + ".old")):
+    """Return the complete checkpoint at `folder` (or its previous copy after a crash mid-replace)."""
+    for candidate in (folder, previous_copy(folder)):
         if (candidate / "trainer_state.json").is_file():
             return candidate
     return None

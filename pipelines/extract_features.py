@@ -45,11 +45,10 @@ from medai.io.patch_h5 import (
     PatchGrid,
     is_complete_feature_file,
     read_coords_h5,
-    temporary_path,
 )
 from medai.io.wsi import WholeSlide, list_slides, open_slide
 from medai.transforms.tissue import TissueConfig
-from medai.utils import optional_import
+from medai.utils import atomic_write, optional_import
 from medai.pipelines.slides import PatchConfig, patch_slide
 
 log = logging.getLogger(__name__)
@@ -378,17 +377,15 @@ def _now() -> str:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to `path` through a temporary file and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    try:
+    with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _remove_stale_temporaries(folder: Path, slide_id: str) -> int:
-    """Delete temporaries of `slide_id` left by a killed worker (we hold the slide's lock)."""
+    """Delete temporaries of `slide_id` left by a killed worker (we hold the slide's lock).
+
+    `medai.utils.atomic_write` names them `.<slide_id>.h5.<pid>.<random>.tmp`.
+    """
     removed = 0
     if folder.is_dir():
         for tmp in folder.glob(f".{slide_id}.*.tmp"):
@@ -479,39 +476,33 @@ def extract_slide(
         mpp=entry.mpp,
         backend=cfg.backend,
     )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(final)
-    try:
-        with h5py.File(tmp, "w") as handle:
-            coords = handle.create_dataset("coords", data=grid.coords.astype(np.int64))
-            for key, value in grid.attrs().items():
-                coords.attrs[key] = value
-                handle.attrs[key] = value
-            # Rows are written batch by batch: memory stays flat whatever the slide's size.
-            features = handle.create_dataset(
-                "features",
-                shape=(len(grid.coords), encoder.feature_dim),
-                dtype=np.float32,
-                chunks=(min(len(grid.coords), 256), encoder.feature_dim),
-            )
-            features.attrs.update(
-                encoder=encoder.name, pretrained=encoder.pretrained, feature_dim=encoder.feature_dim
-            )
-            encode_patches(
-                dataset,
-                encoder,
-                features,
-                cfg.batch_size,
-                cfg.num_workers,
-                device,
-                cfg.precision,
-                cfg.progress,
-                desc=entry.slide_id,
-            )
-            handle.attrs["complete"] = True
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(final) as tmp, h5py.File(tmp, "w") as handle:
+        coords = handle.create_dataset("coords", data=grid.coords.astype(np.int64))
+        for key, value in grid.attrs().items():
+            coords.attrs[key] = value
+            handle.attrs[key] = value
+        # Rows are written batch by batch: memory stays flat whatever the slide's size.
+        features = handle.create_dataset(
+            "features",
+            shape=(len(grid.coords), encoder.feature_dim),
+            dtype=np.float32,
+            chunks=(min(len(grid.coords), 256), encoder.feature_dim),
+        )
+        features.attrs.update(
+            encoder=encoder.name, pretrained=encoder.pretrained, feature_dim=encoder.feature_dim
+        )
+        encode_patches(
+            dataset,
+            encoder,
+            features,
+            cfg.batch_size,
+            cfg.num_workers,
+            device,
+            cfg.precision,
+            cfg.progress,
+            desc=entry.slide_id,
+        )
+        handle.attrs["complete"] = True
     elapsed = time.perf_counter() - started
     record.update(
         state="done",

@@ -40,7 +40,7 @@ from torch import nn
 
 from medai.config import ConfigError, from_dict, save_config, to_dict
 from medai.errors import MedaiError
-from medai.utils import repo_root, seed_everything
+from medai.utils import atomic_write, replace_folder, repo_root, seed_everything
 from medai.pipelines import checkpointing as ckpt
 from medai.pipelines.batching import EpochSampler, make_loader, move_to
 from medai.pipelines.evaluate import evaluate_run
@@ -112,13 +112,16 @@ def parameter_digest(model: nn.Module) -> str:
 
 def run_metadata(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     """Git commit, command, versions, host facts for the run folder."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=repo_root(), capture_output=True,
-                                    text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
+    commit, dirty = None, None
+    checkout = repo_root()
+    if checkout is not None:  # None when medai runs from an installed wheel: no commit to record
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True,
+                                    text=True, timeout=10).stdout.strip() or None
+            dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=checkout, capture_output=True,
+                                        text=True, timeout=10).stdout.strip())
+        except (OSError, subprocess.SubprocessError):
+            commit, dirty = None, None
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
@@ -152,9 +155,8 @@ def _json_default(value: Any) -> Any:
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temp file + rename)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=_json_default))
 
 
 # --------------------------------------------------------------------------- the engine
@@ -298,7 +300,7 @@ class Trainer:
         if self.main:
             state = dict(self.state, scheduler=self.scheduler.state_dict(), world_size=self.world)
             write_json(tmp / "trainer_state.json", state)
-            ckpt.commit_folder(tmp, final)
+            replace_folder(tmp, final)
         self.accelerator.wait_for_everyone()
 
     def _try_resume(self) -> bool:

@@ -16,14 +16,14 @@ def demo(
     epochs: Optional[int] = typer.Option(None, help="Override the bundled config's epochs (default: as configured)."),
 ) -> None:
     """Run the main job on the bundled defaults: preflight, BreastMNIST fine-tuning, its evaluation."""
-    from medai.utils import repo_root
+    from medai.utils import shipped_file
     from medai.pipelines.finetune import finetune as run_finetune
     from medai.pipelines.train_config import load_train_config
 
     from medai.cli.doctor import doctor
 
     doctor()
-    config = repo_root() / "configs" / "breastmnist_resnet18.yaml"
+    config = shipped_file("configs/breastmnist_resnet18.yaml")
     overrides = [f"output_dir={output_dir}", "run_name=breastmnist-resnet18-demo"]
     if epochs is not None:
         overrides.append(f"trainer.epochs={epochs}")

@@ -39,11 +39,12 @@ DATASETS: dict[str, str] = {
 
 
 def data_root() -> Path:
-    """Return the shared data root: $MEDAI_DATA, else ../shared/data beside the checkout."""
+    """Return the shared data root: $MEDAI_DATA, else ../shared/data beside the checkout (or the cwd when installed)."""
     env = os.environ.get("MEDAI_DATA")
     if env:
         return Path(env).expanduser().resolve()
-    return (repo_root().parent / "shared" / "data").resolve()
+    checkout = repo_root()
+    return ((checkout.parent if checkout is not None else Path.cwd()) / "shared" / "data").resolve()
 
 
 def dataset_path(name: str) -> Path:

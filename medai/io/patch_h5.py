@@ -24,8 +24,6 @@ final name is always complete. `read_patch_features` is what MIL training reads.
 
 from __future__ import annotations
 
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from medai.errors import InputFileError, MedaiError
-from medai.utils import optional_import
+from medai.utils import atomic_write, optional_import
 
 COORDS_ATTRS = ("patch_size", "patch_level", "patch_size_level0", "level0_mpp", "mpp")
 
@@ -80,28 +78,17 @@ class PatchGrid:
         }
 
 
-def temporary_path(final: Path) -> Path:
-    """Return a unique hidden temporary name beside `final` (same folder, so rename is atomic)."""
-    return final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
 def write_coords_h5(path: str | Path, grid: PatchGrid) -> Path:
     """Write a coordinates-only HDF5 file atomically; return its path."""
     h5py = optional_import("h5py", "patch HDF5 files", "wsi")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    try:
-        with h5py.File(tmp, "w") as handle:
-            dset = handle.create_dataset(
-                "coords", data=np.asarray(grid.coords, dtype=np.int64).reshape(-1, 2)
-            )
-            for key, value in grid.attrs().items():
-                dset.attrs[key] = value
-                handle.attrs[key] = value
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as handle:
+        dset = handle.create_dataset(
+            "coords", data=np.asarray(grid.coords, dtype=np.int64).reshape(-1, 2)
+        )
+        for key, value in grid.attrs().items():
+            dset.attrs[key] = value
+            handle.attrs[key] = value
     return path
 
 

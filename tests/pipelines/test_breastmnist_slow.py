@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from medai.utils import repo_root
+from medai.utils import shipped_file
 
 
 @pytest.mark.slow
 def test_breastmnist_resnet18_reaches_auroc(tmp_path, breastmnist_path):
     env = {**os.environ, "MEDAI_DATA": str(breastmnist_path.parent.parent)}
-    config = repo_root() / "configs" / "breastmnist_resnet18.yaml"
+    config = shipped_file("configs/breastmnist_resnet18.yaml")
     train = subprocess.run([sys.executable, "-m", "medai.cli", "finetune", str(config), "-o", f"output_dir={tmp_path}"],
                            capture_output=True, text=True, env=env, timeout=3600)
     assert train.returncode == 0, train.stderr[-2000:]
