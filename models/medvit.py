@@ -29,7 +29,8 @@ give the same outputs: dilation 1, NATTEN's zero padding of small maps, and its 
 maps and the token layouts fed to neighborhood attention and to the KAN. That reshape mixes
 channels with pixels; the checkpoints were trained with it, so this switch keeps it, while the
 default follows the paper (attention over pixels, KAN over each pixel's channel vector).
-`convert_reference_state_dict` maps the public checkpoint names onto this implementation.
+`convert_reference_state_dict` maps the public checkpoint names onto this implementation;
+`convert_medvit_checkpoint` turns an authors' `.pth` into safetensors (`medai models convert medvit`).
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ from torch import Tensor, nn
 
 from medai.kernels import ops
 from medai.errors import CheckpointError, ConfigError, ModelInputError
-from medai.utils import repo_root
 from medai.models.layers.kan import FasterKAN, FasterKANConfig
-from medai.models.registry import register_model
+from medai.models.pretrained import Converted, Shipped, register_converter
+from medai.models.registry import create_model, load_state_strict, register_model, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -473,9 +474,8 @@ VARIANTS: dict[str, dict] = {
 TINY = dict(depths=(1, 1, 3, 1), dims=(32, 128, 128, 128), stem_channels=(16, 16, 32), num_classes=4)
 
 
-def _breastmnist_checkpoint() -> Path:
-    # Trained in this project on BreastMNIST (card: data_cards/checkpoints/medvit.md); num_classes=2, in_chans=1.
-    return repo_root() / "checkpoints" / "breastmnist" / "medvit_tiny_f16.safetensors"
+# Trained in this project on BreastMNIST (card: data_cards/checkpoints/medvit.md); num_classes=2, in_chans=1.
+_BREASTMNIST = Shipped("checkpoints/breastmnist/medvit_tiny_f16.safetensors")
 
 
 _REGISTER = dict(
@@ -483,9 +483,7 @@ _REGISTER = dict(
 )
 
 
-@register_model(
-    defaults=VARIANTS["medvit_tiny"], pretrained={"breastmnist": _breastmnist_checkpoint}, **_REGISTER
-)
+@register_model(defaults=VARIANTS["medvit_tiny"], pretrained={"breastmnist": _BREASTMNIST}, **_REGISTER)
 def medvit_tiny(config: MedViTConfig) -> MedViT:
     """MedViT-V2-T: depths (2, 2, 6, 1), widths (64, 128, 192, 384).
 
@@ -602,6 +600,47 @@ def reference_config_from_state_dict(state: dict[str, Tensor]) -> dict:
     raise CheckpointError("checkpoint", f"widths {dims} and depths {depths} match no MedViT-V2 variant")
 
 
+def read_reference_checkpoint(path: str | Path) -> dict[str, Tensor]:
+    """Return the model state dict inside a public MedViTV2 `.pth` file (tensors only).
+
+    The public training script saves `{'model': state_dict, 'optimizer': ..., ...}`; bare state
+    dicts and DataParallel `module.` prefixes are accepted too. Only tensors are unpickled.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or code-carrying pickles
+        raise CheckpointError(path, f"not a tensors-only PyTorch checkpoint ({exc})") from exc
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            payload = payload[key]
+            break
+    if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise CheckpointError(path, "no state dict of tensors found (expected the model's or {'model': ...})")
+    return payload
+
+
+@register_converter("medvit", reads="a MedViTV2 checkpoint released by the authors (.pth)")
+def convert_medvit_checkpoint(source: str | Path, destination: str | Path) -> Converted:
+    """Convert a public MedViTV2 `.pth` to safetensors; return the variant and create_model kwargs.
+
+    Names are mapped by `convert_reference_state_dict`, the variant and head size are read from the
+    shapes, and the result is loaded strictly into a model built with `reference_code_compat=True`
+    before it is written, so a file that converts loads.
+    """
+    source, destination = Path(source), Path(destination)
+    state = convert_reference_state_dict(read_reference_checkpoint(source), source=str(source))
+    facts = reference_config_from_state_dict(state)
+    kwargs = {"num_classes": facts["num_classes"], "in_chans": facts["in_chans"], "reference_code_compat": True}
+    model = create_model(facts["variant"], **kwargs)
+    load_state_strict(model, state, source)
+    save_weights(model, destination, {"source": source.name, "variant": facts["variant"], "create_model_kwargs": kwargs})
+    log.info("converted %s -> %s (%s, %d classes)", source, destination, facts["variant"], facts["num_classes"])
+    return Converted(destination, facts["variant"], kwargs)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -624,5 +663,6 @@ def public_code_parameter_count(model: MedViT) -> int:
 
 __all__ = [
     "MedViT", "MedViTConfig", "public_code_parameter_count", "convert_reference_state_dict", "count_parameters",
+    "convert_medvit_checkpoint", "read_reference_checkpoint",
     "lfp_dilations", "stage_layout", "VARIANTS",
 ]

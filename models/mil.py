@@ -25,16 +25,24 @@ eval memory is O(N dim) (see `TransMIL`).
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medai.errors import CheckpointError
+from medai.io.torch_pickle import read_torch_checkpoint
 from medai.kernels.ops import gated_attention_pool
-from medai.models.registry import register_model
+from medai.models.pretrained import Converted, SharedData, register_converter
+from medai.models.registry import load_state_strict, register_model, save_weights
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------
@@ -509,7 +517,12 @@ class TransMIL(nn.Module):
 
 
 # --------------------------------------------------------------------------------------
-# Checkpoint mapping (the ACMIL authors' names -> medai's); the file reading is in medai.io
+# The ACMIL authors' checkpoints (torch pickles) -> medai safetensors, without running their code.
+# Their `checkpoint-best.pth` holds {model: state dict, optimizer, epoch, config: utils.utils.Struct};
+# it is read through `medai.io.torch_pickle` (allow-listed tensors and containers; the Struct becomes
+# an inert record), every tensor is mapped onto AttentionMIL names (unmatched names are an error),
+# loaded strictly into a model whose shape is inferred from the tensors, and written as safetensors
+# with the training config as metadata.
 # --------------------------------------------------------------------------------------
 _ACMIL_NAME_MAP = {
     "dimreduction.fc1.weight": "projection.weight",
@@ -565,6 +578,44 @@ def acmil_config_from_state(state: dict[str, torch.Tensor], **overrides) -> Atte
     return AttentionMILConfig(**values)
 
 
+# The authors' training-config class, loaded as an inert record (attributes only).
+ACMIL_RECORD_CLASSES = ("utils.utils.Struct",)
+# Training-config fields kept as metadata in the converted file.
+_KEPT_CONFIG = ("D_feat", "D_inner", "n_token", "n_masked_patch", "mask_drop", "n_class", "arch", "pretrain", "dataset", "seed", "lr", "wd", "train_epoch")
+
+
+def read_acmil_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return (the authors' model state dict, {epoch, config fields}) from a checkpoint, safely."""
+    obj = read_torch_checkpoint(path, records=ACMIL_RECORD_CLASSES)
+    if not isinstance(obj, dict) or "model" not in obj:
+        raise CheckpointError(path, "expected a dict with a 'model' state dict (the ACMIL authors' save_model layout)")
+    state = obj["model"]
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(path, "the 'model' entry holds non-tensor values")
+    config = obj.get("config")
+    fields = config.as_dict() if hasattr(config, "as_dict") else {}
+    info = {k: fields[k] for k in _KEPT_CONFIG if k in fields}
+    info["epoch"] = obj.get("epoch")
+    return dict(state), info
+
+
+@register_converter("acmil", reads="an ACMIL authors' checkpoint-best.pth (read without executing the pickle)")
+def convert_acmil_checkpoint(src: str | Path, dest: str | Path) -> Converted:
+    """Convert an ACMIL authors' checkpoint to medai safetensors; return the file and how to load it."""
+    author_state, info = read_acmil_checkpoint(src)
+    try:
+        state = convert_acmil_state_dict(author_state)
+    except KeyError as exc:
+        raise CheckpointError(src, str(exc.args[0])) from exc
+    config = acmil_config_from_state(state)
+    model = AttentionMIL(config)
+    load_state_strict(model, state, src)  # names every missing / unexpected / mis-shaped tensor
+    meta = {"source": str(src), "format": "medai.models.mil.AttentionMIL", "authors_config": json.dumps(info)}
+    log.info("converted %s (%d tensors, K=%d) -> %s", src, len(state), config.num_branches, dest)
+    shape = ("in_features", "hidden_features", "attention_features", "num_branches", "num_classes")
+    return Converted(save_weights(model, dest, metadata=meta), "acmil", {k: getattr(config, k) for k in shape})
+
+
 # --------------------------------------------------------------------------------------
 # Registered variants
 # --------------------------------------------------------------------------------------
@@ -576,13 +627,10 @@ _TINY = dict(in_features=16, hidden_features=16, attention_features=8)
 _GATED = dict(family="mil", config=AttentionMILConfig, input_kind="feature_bag", card=_CARD)
 
 
-def _bracs(tag: str):
-    def resolve():
-        from medai.pipelines.mil_checkpoints import resolve_acmil_bracs
-
-        return resolve_acmil_bracs(tag)
-
-    return resolve
+def _bracs(tag: str) -> SharedData:
+    # The authors' BRACS checkpoints in the shared data, converted once into the cache.
+    return SharedData("acmil_bracs_checkpoints", f"acmil_bracs_{tag}/checkpoint-best.pth",
+                      target=f"acmil_bracs_{tag}.safetensors", convert=convert_acmil_checkpoint)
 
 
 @register_model(defaults=_ABMIL, tiny=_TINY, **_GATED)

@@ -18,7 +18,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Callable, Literal, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from torch import nn
 from medai.config import from_dict
 from medai.errors import CheckpointError, ModelContractError
 from medai.registry import Registry
-from medai.utils import repo_root
+from medai.utils import shipped_file
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,14 @@ InputKind = Literal["image_2d", "volume_3d", "feature_bag", "token_sequence", "i
 FEATURE_CONTRACT = ("forward_features", "num_features", "reset_classifier")
 
 
+class WeightsSource(Protocol):
+    """Where a pretrained tag's weights come from: `medai.models.pretrained` (packaged, shipped, shared data)."""
+
+    def resolve(self) -> Path:
+        """Return the local weights file, converting it on first use if needed."""
+        ...
+
+
 @dataclass
 class ModelEntry:
     """A registered model variant: its builder, card and named pretrained sources."""
@@ -45,8 +53,8 @@ class ModelEntry:
     builder: Callable[..., nn.Module]
     family: str
     card: str | None = None
-    # tag -> callable returning a local safetensors path (resolved and converted on demand)
-    pretrained: dict[str, Callable[[], Path]] = field(default_factory=dict)
+    # tag -> source of its weights (resolved and converted on demand)
+    pretrained: dict[str, WeightsSource] = field(default_factory=dict)
     # adapts a pretrained state dict to overrides (new head size, input channels) before loading
     adapt: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None
     # the family's config dataclass and the values this variant sets over its defaults
@@ -62,8 +70,8 @@ class ModelEntry:
 
     @property
     def card_path(self) -> Path | None:
-        """Absolute path of the model card, if one is declared."""
-        return repo_root() / self.card if self.card else None
+        """Absolute path of the model card in the installed package, if one is declared."""
+        return shipped_file(self.card) if self.card else None
 
 
 MODELS: Registry[ModelEntry] = Registry("model")
@@ -82,7 +90,7 @@ def register_model(
     defaults: dict[str, Any] | None = None,
     feature_extractor: bool = False,
     card: str | None = None,
-    pretrained: dict[str, Callable[[], Path]] | None = None,
+    pretrained: dict[str, WeightsSource] | None = None,
     adapt: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None,
 ) -> Callable[[Callable[[Any], nn.Module]], Callable[[Any], nn.Module]]:
     """Decorator registering a variant `fn(config) -> nn.Module` under its name.
@@ -114,7 +122,7 @@ def _import_families() -> None:
     import pkgutil
 
     for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        if not info.name.startswith("_") and info.name not in ("registry", "layers"):
+        if not info.name.startswith("_") and info.name not in ("registry", "pretrained", "layers"):
             importlib.import_module(f"medai.models.{info.name}")
 
 
@@ -137,7 +145,7 @@ def create_model(name: str, pretrained: str | Path | None = None, **overrides: A
     if pretrained is not None:
         is_tag = isinstance(pretrained, str) and pretrained in entry.pretrained
         if is_tag:
-            path = entry.pretrained[pretrained]()
+            path = entry.pretrained[pretrained].resolve()
         else:
             path = Path(pretrained)
             if not path.exists():

@@ -19,14 +19,13 @@ The MONAI DynUNet baseline with the same stages and recipe is `models/dynunet.py
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
 from medai.models.layers.mamba import MambaConfig, MambaMixer
-from medai.utils import repo_root
+from medai.models.pretrained import Shipped
 from medai.models.registry import register_model
 
 Direction = Literal["forward", "reverse", "inter_slice"]
@@ -161,9 +160,8 @@ class UMamba(nn.Module):
         return self.head(x)
 
 
-def _hippocampus_checkpoint() -> Path:
-    # Trained in this project (card: data_cards/checkpoints/umamba_hippocampus.md); needs features=(16, 32, 64, 128).
-    return repo_root() / "checkpoints" / "msd_hippocampus" / "umamba_bot_3d_f16.safetensors"
+# Trained in this project (card: data_cards/checkpoints/umamba_hippocampus.md); needs features=(16, 32, 64, 128).
+_HIPPOCAMPUS = Shipped("checkpoints/msd_hippocampus/umamba_bot_3d_f16.safetensors")
 
 
 _REGISTER = dict(family="umamba", config=UMambaConfig, card="data_cards/checkpoints/umamba_hippocampus.md")
@@ -172,7 +170,7 @@ TINY = dict(features=(4, 8, 8))  # 2 downsamplings: inputs divisible by 4
 
 @register_model(
     defaults=dict(spatial_dims=3, mamba_placement="bottleneck"), input_kind="volume_3d", tiny=TINY,
-    pretrained={"msd_hippocampus": _hippocampus_checkpoint}, **_REGISTER,
+    pretrained={"msd_hippocampus": _HIPPOCAMPUS}, **_REGISTER,
 )
 def umamba_bot_3d(config: UMambaConfig) -> UMamba:
     """U-Mamba-Bot 3D: Mamba at the bottleneck; overrides are UMambaConfig fields.

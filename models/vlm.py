@@ -3,7 +3,7 @@
 Own head: image -> any registered vision backbone -> pooled feature grid -> projector (MLP)
 -> `num_image_tokens` embeddings spliced into a causal LM's input embeddings where the chat
 prompt holds the `<image>` placeholder. The LM is any `AutoModelForCausalLM` folder with its
-tokenizer (default: SmolLM2-135M-Instruct, unpacked by `medai.weights`).
+tokenizer (default: SmolLM2-135M-Instruct, unpacked by `medai.models.pretrained`).
 
 Backbone feature-extraction contract (timm's, `registry.FEATURE_CONTRACT`): the module has
 `forward_features(x)` returning either a feature map (B, C, H, W) or a token sequence (B, N, C)
@@ -101,7 +101,7 @@ class VLMConfig:
     image_size: int = 224
     num_image_tokens: int = 16  # feature grid pooled to sqrt(n) x sqrt(n) tokens
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    language_model: str = "smollm2-135m-instruct"  # packaged key (medai.weights) or a local folder
+    language_model: str = "smollm2-135m-instruct"  # packaged key (medai.models.pretrained) or a local folder
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_prompt_tokens: int = 384
     max_new_tokens: int = 64
@@ -443,15 +443,16 @@ def stream_in_thread(run: Callable[[Any], Any], skip_prompt: bool, tokenizer: An
 
 
 def resolve_language_model(name_or_path: str) -> Path:
-    """Return a local LM folder: a packaged key from medai.weights (converted once) or a folder."""
-    from medai.weights import PACKAGED, resolve_packaged
+    """Return a local LM folder: a packaged key from medai.models.pretrained (converted once) or a folder."""
+    from medai.models.pretrained import packaged_weights
 
-    if name_or_path in PACKAGED:
-        return resolve_packaged(name_or_path)
+    packaged = packaged_weights()
+    if name_or_path in packaged:
+        return packaged[name_or_path].resolve()
     path = Path(name_or_path).expanduser()
     if not (path / "config.json").is_file():
         raise VLMInputError(
-            f"language model '{name_or_path}' is neither a packaged key ({', '.join(PACKAGED)}) "
+            f"language model '{name_or_path}' is neither a packaged key ({', '.join(packaged)}) "
             "nor a local folder with config.json"
         )
     return path

@@ -3,10 +3,10 @@
 import re
 
 from medai.io.data import DATASETS
-from medai.utils import repo_root
-from medai.weights import PACKAGED
+from medai.models.pretrained import packaged_weights
+from medai.utils import shipped_file
 
-CARDS = repo_root() / "data_cards"
+CARDS = shipped_file("data_cards/README.md").parent
 SECTIONS = ["## Source", "## Licence", "## Modality and format", "## Size", "## Splits", "## Use in medai",
             "## Known defects and caveats", "## Checksums"]
 
@@ -24,7 +24,7 @@ def test_each_dataset_has_a_card_naming_its_path():
 
 def test_each_packaged_checkpoint_has_a_card_with_limits():
     names = {p.read_text().split("Name: ", 1)[1].split("\n", 1)[0].strip() for p in (CARDS / "checkpoints").glob("*.md")}
-    for key in PACKAGED:
+    for key in packaged_weights():
         assert key in names, f"no card for packaged weights {key}"
     for card in (CARDS / "checkpoints").glob("*.md"):
         assert "## Limits" in card.read_text(), card

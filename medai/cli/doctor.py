@@ -75,7 +75,7 @@ def run_doctor() -> DoctorReport:
     from medai.kernels.dispatch import kernel_mode, triton_interpreting
     from medai.kernels.ops import backend_report
     from medai.io.data import data_root
-    from medai.weights import PACKAGED
+    from medai.models.pretrained import packaged_weights
 
     r = DoctorReport()
     r.add("system", "python", True, f"{sys.version.split()[0]} on {platform.machine()}")
@@ -93,7 +93,7 @@ def run_doctor() -> DoctorReport:
             r.add("kernels", f"{op} [{device}]", not backend.startswith("unavailable"), backend)
     for module, purpose in OPTIONAL_PEERS.items():
         r.add("packages", module, is_installed(module), purpose if is_installed(module) else f"not installed ({purpose})")
-    for key, weights in PACKAGED.items():
+    for key, weights in packaged_weights().items():
         if not weights.available():
             r.add("weights", key, False, f"package missing: {weights.install_hint}")
         else:

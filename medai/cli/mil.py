@@ -1,4 +1,4 @@
-"""`medai mil ...`: MIL benchmark, ACMIL checkpoint conversion, attention export (thin wrappers)."""
+"""`medai mil ...`: MIL benchmark, attention export (thin wrappers)."""
 
 from __future__ import annotations
 
@@ -34,17 +34,6 @@ def mil_benchmark(
     run_mil_benchmark(path, settings, out)
     # the markdown table as written: no wrapping, and its [low, high] CIs are not rich markup
     console.print((out / "results.md").read_text(), markup=False, highlight=False, soft_wrap=True)
-
-
-@app.command("convert-acmil")
-def mil_convert_acmil(
-    src: Path = typer.Argument(..., help="The ACMIL authors' checkpoint-best.pth."),
-    dest: Path = typer.Argument(..., help="Output .safetensors file."),
-) -> None:
-    """Convert an ACMIL authors' checkpoint (read without executing code) to medai safetensors."""
-    from medai.pipelines.mil_checkpoints import convert_acmil_checkpoint
-
-    console.print(f"wrote {convert_acmil_checkpoint(src, dest)}")
 
 
 @app.command("attention")

@@ -26,14 +26,19 @@ def models_list(pattern: str = typer.Argument("*", help="Shell-style pattern."))
     console.print(table)
 
 
-@app.command("convert-medvit")
-def models_convert_medvit(
-    source: Path = typer.Argument(..., help="A MedViTV2 checkpoint released by the authors (.pth)."),
+@app.command("convert")
+def models_convert(
+    family: str = typer.Argument(..., help="Whose checkpoint format: a registered converter, e.g. medvit or acmil (a wrong name lists them)."),
+    source: Path = typer.Argument(..., help="The authors' checkpoint (.pth; read as tensors only)."),
     destination: Path = typer.Argument(..., help="Where to write the safetensors file."),
 ) -> None:
-    """Convert a public MedViTV2 checkpoint to safetensors (names mapped, loaded strictly)."""
-    from medai.pipelines.convert_medvit import convert_medvit_checkpoint
+    """Convert an authors' checkpoint to safetensors (names mapped, loaded strictly); print how to load it."""
+    from medai.models.pretrained import checkpoint_converters, convert_checkpoint
 
-    result = convert_medvit_checkpoint(source, destination)
-    kwargs = ", ".join(f"{k}={v!r}" for k, v in result["kwargs"].items())
-    console.print(f"wrote {result['path']}: create_model('{result['variant']}', pretrained='{result['path']}', {kwargs})")
+    known = checkpoint_converters()
+    if family not in known:
+        raise typer.BadParameter(f"'{family}' has no converter (known: {', '.join(known)})", param_hint="FAMILY")
+    result = convert_checkpoint(family, source, destination)
+    kwargs = "".join(f", {k}={v!r}" for k, v in result.kwargs.items())
+    console.print(f"wrote {result.path}: create_model('{result.model}', pretrained='{result.path}'{kwargs})",
+                  markup=False, highlight=False, soft_wrap=True)

@@ -227,20 +227,20 @@ def test_unmapped_public_names_are_refused_and_listed():
 
 
 def test_public_pth_file_converts_to_safetensors_that_load(tmp_path):
-    from medai.pipelines.convert_medvit import convert_medvit_checkpoint
+    from medai.models.medvit import convert_medvit_checkpoint
 
     torch.manual_seed(0)
     source_model = create_model("medvit_tiny", reference_code_compat=True, num_classes=2).eval()
     public = _public_state(source_model)
     torch.save({"model": public, "epoch": torch.tensor(3)}, tmp_path / "breastmnist_MedViT_tiny.pth")
     result = convert_medvit_checkpoint(tmp_path / "breastmnist_MedViT_tiny.pth", tmp_path / "tiny.safetensors")
-    assert result["variant"] == "medvit_tiny" and result["kwargs"]["num_classes"] == 2
-    loaded = create_model("medvit_tiny", pretrained=result["path"], **result["kwargs"])
+    assert result.model == "medvit_tiny" and result.kwargs["num_classes"] == 2
+    loaded = create_model(result.model, pretrained=result.path, **result.kwargs)
     assert torch.equal(loaded.state_dict()["blocks.0.attn.rpb"], public["features.0.attn.rpb"])
 
 
 def test_pickles_with_code_are_refused(tmp_path):
-    from medai.pipelines.convert_medvit import read_reference_checkpoint
+    from medai.models.medvit import read_reference_checkpoint
 
     torch.save({"model": {"w": torch.zeros(1)}, "opt": object()}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="not a tensors-only"):

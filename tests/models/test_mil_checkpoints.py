@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from medai.models import registry as models
 from medai.errors import CheckpointError
 from medai.io.torch_pickle import UnsafePickleError, read_torch_checkpoint
-from medai.pipelines.mil_checkpoints import ACMIL_RECORD_CLASSES, convert_acmil_checkpoint, read_acmil_checkpoint
+from medai.models.mil import ACMIL_RECORD_CLASSES, convert_acmil_checkpoint, read_acmil_checkpoint
 
 TAGS = {"512d": (512, 1), "384d": (384, 5)}
 
@@ -40,7 +40,7 @@ def test_authors_checkpoint_converts_and_matches_the_raw_computation(tag, acmil_
     raw, info = read_acmil_checkpoint(src)
     dim, k = TAGS[tag]
     assert info["D_feat"] == dim and info["n_token"] == k
-    dest = convert_acmil_checkpoint(src, tmp_path / f"{tag}.safetensors")
+    dest = convert_acmil_checkpoint(src, tmp_path / f"{tag}.safetensors").path
     from safetensors.torch import load_file
 
     converted = load_file(str(dest))

