@@ -15,16 +15,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Circles that other parts of issue 20 are removing while this test lands. Each entry is the exact
-# module set of one circle, so a circle that grows still fails. Delete an entry (and, once empty,
-# this allow-list) when its part is merged; from then on the test guards those modules too.
-BEING_REMOVED = {
-    # item 3, one pretrained-weights resolver: models/mil stops importing resolve_acmil_bracs
-    frozenset({"medai.models.mil", "medai.pipelines.mil_checkpoints"}),
-    # item 3, one pretrained-weights resolver: medai/weights stops importing up into models/
-    frozenset({"medai.weights", "medai.models.efficientnet"}),
-}
-
 # grimp finds `medai` through the import system, and this process has already imported the
 # checkout's medai (without models/, kernels/, pipelines/ inside it): so the graph is built in a
 # child whose only medai is the staged one.
@@ -102,5 +92,5 @@ def test_import_circles_finds_a_circle_and_only_it():
 def test_no_file_level_import_circle(tmp_path):
     graph = _import_graph(tmp_path)
     assert "medai.pipelines.finetune" in graph and "medai.kernels.ops" in graph  # the staged tree is whole
-    circles = [c for c in import_circles(graph) if frozenset(c) not in BEING_REMOVED]
+    circles = import_circles(graph)
     assert not circles, "file-level import circles (modules of each):\n" + "\n".join(" <-> ".join(c) for c in circles)

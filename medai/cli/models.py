@@ -29,7 +29,7 @@ def models_list(pattern: str = typer.Argument("*", help="Shell-style pattern."))
 @app.command("convert")
 def models_convert(
     family: str = typer.Argument(..., help="Whose checkpoint format: a registered converter, e.g. medvit or acmil (a wrong name lists them)."),
-    source: Path = typer.Argument(..., help="The authors' checkpoint (.pth; read as tensors only)."),
+    source: Path = typer.Argument(..., exists=True, dir_okay=False, help="The authors' checkpoint (.pth; read as tensors only)."),
     destination: Path = typer.Argument(..., help="Where to write the safetensors file."),
 ) -> None:
     """Convert an authors' checkpoint to safetensors (names mapped, loaded strictly); print how to load it."""

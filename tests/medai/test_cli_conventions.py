@@ -25,9 +25,6 @@ MISSING_INPUT = {
     "evaluate": [MISSING],
     "data verify": ["--root", MISSING],
     "models convert": ["medvit", MISSING, OUT],
-    # convert-medvit and convert-acmil are being folded into `models convert`; their rows skip once they are gone
-    "models convert-medvit": [MISSING, OUT],
-    "mil convert-acmil": [MISSING, OUT],
     "ehr ingest": [MISSING, "--out", OUT],
     "ehr summary": [MISSING],
     "ehr experiment": [MISSING],

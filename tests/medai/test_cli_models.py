@@ -27,7 +27,9 @@ def test_convert_acmil_writes_safetensors_and_says_how_to_load_them(acmil_bracs_
 
 
 def test_unknown_family_is_a_usage_error_naming_the_known_ones(tmp_path):
-    result = CliRunner().invoke(app, ["models", "convert", "vgg", str(tmp_path / "a.pth"), str(tmp_path / "b.safetensors")],
+    source = tmp_path / "a.pth"
+    torch.save({"w": torch.zeros(1)}, source)
+    result = CliRunner().invoke(app, ["models", "convert", "vgg", str(source), str(tmp_path / "b.safetensors")],
                                 env={"COLUMNS": "300"})
     assert result.exit_code == 2
     assert "medvit" in result.output and "acmil" in result.output
