@@ -73,7 +73,8 @@ def test_wheel_holds_only_the_medai_package(wheel_venv):
     assert top == {"medai"}, top
     for shipped in ("medai/checkpoints/breastmnist/medvit_tiny_f16.safetensors",
                     "medai/checkpoints/msd_hippocampus/umamba_bot_3d_f16.safetensors",
-                    "medai/configs/breastmnist_medvit_tiny.yaml", "medai/kernels/ops.py",
+                    "medai/configs/breastmnist_medvit_tiny.yaml", "medai/data_cards/checkpoints/medvit.md",
+                    "medai/kernels/ops.py",
                     "medai/models/registry.py", "medai/pipelines/finetune.py", "medai/cli/__init__.py"):
         assert shipped in names, shipped
 
