@@ -31,6 +31,7 @@ import socket
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -59,7 +60,8 @@ class EncoderConfig:
     """Patch encoder: a registered medai model or `timm:<name>`, with weights by tag or safetensors path."""
 
     name: str = "efficientnet_lite0"
-    pretrained: str | None = "imagenet"
+    # "auto": the model's ImageNet weights when it has them, else its random initialisation (said in a warning)
+    pretrained: str | None = "auto"
     mean: tuple[float, float, float] | None = None  # default: the model's pretrained_cfg
     std: tuple[float, float, float] | None = None
 
@@ -187,8 +189,14 @@ def build_encoder(cfg: EncoderConfig) -> Encoder:
                 model, cfg.pretrained
             )  # a local pathology encoder checkpoint (safetensors)
     else:
-        from medai.models.registry import create_feature_extractor
+        from medai.models.registry import create_feature_extractor, model_entry
 
+        if cfg.pretrained == "auto":
+            tags = model_entry(cfg.name).pretrained
+            cfg = dataclasses.replace(cfg, pretrained="imagenet" if "imagenet" in tags else None)
+            if cfg.pretrained is None:
+                log.warning("%s has no ImageNet weights (tags: %s): its features come from random weights, "
+                            "useful for testing the pipeline only", cfg.name, ", ".join(tags) or "none")
         model = create_feature_extractor(cfg.name, pretrained=cfg.pretrained)
         model.reset_classifier(0)
     pretrained_cfg = getattr(model, "pretrained_cfg", {}) or {}

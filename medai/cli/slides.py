@@ -114,7 +114,7 @@ def slides_extract(
     ),
     model: str = typer.Option("efficientnet_lite0", help="Registered medai model or timm:<name>."),
     pretrained: str | None = typer.Option(
-        "imagenet", help="Pretrained tag or local .safetensors ('' for none)."
+        "auto", help="Pretrained tag or local .safetensors ('' for none; auto: ImageNet when the model has it)."
     ),
     patch_size: int = typer.Option(256, help="Patch side in px as the encoder sees it."),
     target_mpp: float = typer.Option(0.5, help="Patch resolution in µm/px."),

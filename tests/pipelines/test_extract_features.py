@@ -308,13 +308,14 @@ def test_medvit_extracts_a_real_slide_through_the_cli(tmp_path, wsi_cmu1_small_r
 
     out = tmp_path / "run"
     args = ["slides", "extract", str(wsi_cmu1_small_region_path), "--out", str(out),
-            "--model", "medvit_tiny", "--pretrained", "",
+            "--model", "medvit_tiny",  # default --pretrained auto: MedViT has no ImageNet weights, so random ones
             "--patch-size", "32", "--target-mpp", "4.0", "--workers", "0", "--no-progress"]
     torch.manual_seed(0)
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     features, coords, attrs = read_patch_features(out / "features" / f"{wsi_cmu1_small_region_path.stem}.h5")
     assert features.shape == (len(coords), 384) and len(coords) > 8 and attrs["encoder"] == "medvit_tiny"
+    assert attrs["pretrained"] == "None"  # recorded: these features come from random weights
     # row i is MedViT-T's pooled final feature map for the patch at coords[i] (ImageNet normalisation)
     torch.manual_seed(0)
     model = create_model("medvit_tiny").eval()
