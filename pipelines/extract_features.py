@@ -22,8 +22,11 @@ slides (complete feature file present) are skipped unless `overwrite`.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import fcntl
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -31,7 +34,6 @@ import socket
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -174,6 +176,15 @@ class Encoder:
     feature_dim: int
     name: str
     pretrained: str
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        """Digest of the encoder's parameters and buffers: the same tag can hold other weights."""
+        digest = hashlib.sha256()
+        for key, tensor in sorted(self.model.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
 
 def build_encoder(cfg: EncoderConfig) -> Encoder:
@@ -441,9 +452,11 @@ def _load_matching_coords(
 
 
 def extract_slide(
-    entry: SlideEntry, cfg: ExtractConfig, encoder: Encoder, device: torch.device
+    entry: SlideEntry, cfg: ExtractConfig, encoder: Encoder, device: torch.device,
+    identity: dict[str, Any] | None = None, reuse_patches: bool = True,
 ) -> dict[str, Any]:
-    """Segment, patch and encode one slide into features/<slide_id>.h5; return its status record."""
+    """Segment, patch and encode one slide into features/<slide_id>.h5 (its work identity stored); return its status."""
+    identity = identity if identity is not None else work_identity(entry, cfg, encoder)
     h5py = optional_import("h5py", "feature extraction", "wsi")
     out = Path(cfg.out_dir)
     final = out / "features" / f"{entry.slide_id}.h5"
@@ -462,7 +475,7 @@ def extract_slide(
         slide.require_mpp()
         grid = (
             None
-            if cfg.overwrite
+            if cfg.overwrite or not reuse_patches
             else _load_matching_coords(out / "patches" / f"{entry.slide_id}.h5", patch_cfg, slide)
         )
         if grid is None:
@@ -510,6 +523,7 @@ def extract_slide(
             cfg.progress,
             desc=entry.slide_id,
         )
+        handle.attrs["work_identity"] = json.dumps(identity, sort_keys=True)
         handle.attrs["complete"] = True
     elapsed = time.perf_counter() - started
     record.update(
@@ -520,6 +534,42 @@ def extract_slide(
         encode_patches_per_s=round(len(grid.coords) / max(time.perf_counter() - t_patch, 1e-9), 2),
     )
     return record
+
+
+def work_identity(entry: SlideEntry, cfg: ExtractConfig, encoder: Encoder) -> dict[str, Any]:
+    """What shapes a slide's features: its file(s) (name, size, mtime) and every setting that changes the output."""
+    path = Path(entry.path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    patch = dataclasses.asdict(cfg.patch)
+    if entry.target_mpp is not None:
+        patch["target_mpp"] = entry.target_mpp
+    return {
+        "source": [[p.name if p == path else str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns]
+                   for p in files],
+        "mpp_override": entry.mpp,
+        "tissue": dataclasses.asdict(cfg.tissue),
+        "patch": patch,
+        "backend": cfg.backend,
+        "encoder": encoder.name,
+        "pretrained": encoder.pretrained,
+        "weights_sha256": encoder.weights_sha256,
+        "normalisation": [list(encoder.mean), list(encoder.std)],
+        "precision": cfg.precision,
+    }
+
+
+def finished_identity(path: Path) -> dict[str, Any] | None:
+    """The work identity stored in a complete feature file; None when unfinished or written without one."""
+    if not is_complete_feature_file(path):
+        return None
+    h5py = optional_import("h5py", "feature extraction", "wsi")
+    with h5py.File(path, "r") as handle:
+        stored = handle.attrs.get("work_identity")
+    return json.loads(stored) if stored else {}
+
+
+def _changed(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
 
 
 def _error_record(entry: SlideEntry, exc: BaseException) -> dict[str, Any]:
@@ -555,10 +605,19 @@ def run_extraction(
     for entry in entries:
         final = out / "features" / f"{entry.slide_id}.h5"
         status_path = out / "status" / f"{entry.slide_id}.json"
-        if not cfg.overwrite and is_complete_feature_file(final):
-            outcomes.append(
-                {"slide_id": entry.slide_id, "state": "skipped", "reason": "already done"}
-            )
+        try:
+            identity = work_identity(entry, cfg, encoder)
+        except OSError as exc:  # the slide file vanished or can't be read: this slide fails, the others go on
+            record = _error_record(entry, exc)
+            record["finished_at"] = _now()
+            write_json_atomic(status_path, record)
+            outcomes.append(record)
+            bar.update(1)
+            continue
+        stored = None if cfg.overwrite else finished_identity(final)
+        if stored == identity:
+            outcomes.append({"slide_id": entry.slide_id, "state": "skipped",
+                             "reason": "already done with this slide file and these settings"})
             bar.update(1)
             continue
         lock = SlideLock(out / "locks" / f"{entry.slide_id}.lock")
@@ -570,16 +629,23 @@ def run_extraction(
             continue
         try:
             # Re-check under the lock: another worker may have finished it since the check above.
-            if not cfg.overwrite and is_complete_feature_file(final):
-                outcomes.append(
-                    {"slide_id": entry.slide_id, "state": "skipped", "reason": "already done"}
-                )
+            stored = None if cfg.overwrite else finished_identity(final)
+            if stored == identity:
+                outcomes.append({"slide_id": entry.slide_id, "state": "skipped",
+                                 "reason": "already done with this slide file and these settings"})
                 continue
+            changed = _changed(stored, identity) if stored is not None else []
+            if changed:
+                log.info("%s: recomputing, the earlier features came from other %s", entry.slide_id, ", ".join(changed))
             for folder in (out / "features", out / "patches", out / "status"):
                 if _remove_stale_temporaries(folder, entry.slide_id):
                     log.info("%s: removed temporaries of an interrupted run", entry.slide_id)
             try:
-                record = extract_slide(entry, cfg, encoder, device)
+                # patches are reused only when the slide file, tissue and patch settings are the same
+                same_grid = stored is not None and not ({"source", "mpp_override", "tissue", "patch", "backend"} & set(changed))
+                record = extract_slide(entry, cfg, encoder, device, identity, reuse_patches=same_grid or stored is None)
+                if changed:
+                    record["recomputed_because"] = changed
             # One bad slide never stops the batch; Ctrl-C and SIGTERM (BaseException) still do.
             except Exception as exc:  # noqa: BLE001
                 record = _error_record(entry, exc)

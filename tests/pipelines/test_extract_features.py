@@ -107,6 +107,38 @@ def test_features_match_the_encoder_and_resume_skips(tmp_path, wsi_cmu1_small_re
     )
 
 
+def test_rerun_with_other_settings_or_another_file_recomputes_never_reports_stale_work(
+    tmp_path, wsi_cmu1_small_region_path, encoder
+):
+    """Settings belong to results: only the same slide file with the same settings is skipped."""
+    import shutil
+
+    out = tmp_path / "run"
+    slide = tmp_path / "slide.svs"
+    shutil.copy(wsi_cmu1_small_region_path, slide)
+    entry = SlideEntry(slide, "cmu")
+    run_extraction([entry], _cfg(out), encoder)
+    assert run_extraction([entry], _cfg(out), encoder)["counts"] == {"skipped": 1}
+    other_mpp = ExtractConfig(out_dir=out, patch=PatchConfig(patch_size=32, target_mpp=4.0), batch_size=32,
+                              num_workers=0, progress=False)
+    redo = run_extraction([entry], other_mpp, encoder)
+    assert redo["counts"] == {"done": 1}
+    assert "patch" in redo["slides"][0]["recomputed_because"]
+    assert read_patch_features(out / "features" / "cmu.h5")[2]["patch_size_level0"] > 200  # the 4 µm/px grid, not 2 µm/px (128)
+    assert run_extraction([entry], other_mpp, encoder)["counts"] == {"skipped": 1}
+    # another encoder (other weights) under the same slide id
+    other = build_encoder(EncoderConfig(name="medvit_tiny", pretrained=None))
+    by_model = run_extraction([entry], other_mpp, other)
+    assert by_model["counts"] == {"done": 1}
+    assert {"encoder", "weights_sha256"} <= set(by_model["slides"][0]["recomputed_because"])
+    assert read_patch_features(out / "features" / "cmu.h5")[0].shape[1] == other.feature_dim
+    # another file behind the same slide id (same name, new content)
+    shutil.copy(wsi_cmu1_small_region_path, slide)
+    os.utime(slide, ns=(slide.stat().st_atime_ns, slide.stat().st_mtime_ns + 10**9))
+    by_file = run_extraction([entry], other_mpp, other)
+    assert by_file["counts"] == {"done": 1} and by_file["slides"][0]["recomputed_because"] == ["source"]
+
+
 def test_slide_list_from_folder_and_csv(tmp_path, shared_data):
     csv_path = tmp_path / "slides.csv"
     csv_path.write_text(
