@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -42,8 +43,17 @@ print("ok", here, accuracy)
 def wheel_venv(tmp_path_factory) -> tuple[Path, Path]:
     """Build medai's wheel and install it (not editable) into a fresh venv; return (venv, wheel)."""
     tmp = tmp_path_factory.mktemp("wheel")
+    # Build from a copy of the files git would commit: setuptools writes build/ and *.egg-info into the
+    # source folder and reuses build/lib, so a module deleted since would come back in a later wheel.
+    source = tmp / "source"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            check=True, capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp),
-                    str(ROOT)], check=True, capture_output=True, cwd=tmp)
+                    str(source)], check=True, capture_output=True, cwd=tmp)
     wheel = next(tmp.glob("medai-*.whl"))
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
