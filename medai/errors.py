@@ -128,3 +128,10 @@ class ModelContractError(MedaiError, TypeError):
     def __init__(self, model: str, reason: str):
         self.model, self.reason = model, reason
         super().__init__(f"model '{model}': {reason}")
+
+
+class UnknownNameError(MedaiError, KeyError):
+    """A name looked up in a registry (model, task, dataset format, converter) is not registered; says what is."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Iterator, TypeVar
+
+from medai.errors import UnknownNameError
 
 T = TypeVar("T")
 
@@ -24,13 +27,14 @@ class Registry(Generic[T]):
         return entry
 
     def get(self, name: str) -> T:
-        """Return the entry for `name`, or raise KeyError listing close names."""
+        """Return the entry for `name`, or raise UnknownNameError (a KeyError) listing close names."""
         try:
             return self._entries[name]
         except KeyError:
-            close = [n for n in self._entries if name.split("_")[0] in n][:8]
-            hint = f"; similar: {', '.join(close)}" if close else ""
-            raise KeyError(f"unknown {self.kind} '{name}'{hint}") from None
+            close = difflib.get_close_matches(name, self._entries, n=5, cutoff=0.6)
+            close += [n for n in self._entries if name.split("_")[0] in n and n not in close]
+            hint = f"; did you mean {', '.join(close[:8])}?" if close else f"; known: {', '.join(sorted(self._entries))}"
+            raise UnknownNameError(f"unknown {self.kind} '{name}'{hint}") from None
 
     def names(self, pattern: str = "*") -> list[str]:
         """Return sorted registered names matching a shell-style pattern."""

@@ -612,7 +612,17 @@ def read_reference_checkpoint(path: str | Path) -> dict[str, Tensor]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or code-carrying pickles
-        raise CheckpointError(path, f"not a tensors-only PyTorch checkpoint ({exc})") from exc
+        # torch's own message advises weights_only=False, which would run code from the file: not relayed.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        at = next((i for i, line in enumerate(lines) if "WeightsUnpickler error" in line), None)
+        cause = None
+        if at is not None:
+            cause = lines[at].split("WeightsUnpickler error:", 1)[-1].strip() or (lines[at + 1] if at + 1 < len(lines) else "")
+            cause = cause.split(". ")[0]  # the first sentence; torch's advice follows
+        reason = (f"it holds objects other than tensors, or is corrupt ({cause or type(exc).__name__})"
+                  if "weights_only" in str(exc) else (lines[0] if lines else type(exc).__name__))
+        raise CheckpointError(path, f"not a tensors-only PyTorch checkpoint: {reason}; medai never unpickles "
+                                    "code from a checkpoint") from None
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(payload, dict) and isinstance(payload.get(key), dict):
             payload = payload[key]

@@ -65,3 +65,29 @@ def test_every_model_declares_an_existing_card():
     for name in list_models():
         card = model_entry(name).card_path
         assert card is not None and card.is_file(), f"{name}: card {card}"
+
+
+def test_unknown_model_in_a_config_is_one_line_naming_close_names(tmp_path, breastmnist_path):
+    """A typo in model.name: a typed error listing the near names, exit 2, no KeyError traceback."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"task: classification\nmodel: {{name: resnett18}}\ndata: {{path: {breastmnist_path}}}\n")
+    out = subprocess.run([sys.executable, "-m", "medai.cli", "finetune", str(config)], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "unknown model 'resnett18'; did you mean resnet18" in out.stderr
+
+
+def test_converter_never_relays_torch_advice_to_unpickle_code(tmp_path):
+    import pickle
+
+    from medai.errors import CheckpointError
+    from medai.models.medvit import read_reference_checkpoint
+
+    path = tmp_path / "code.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "hook": pickle.loads}, path)  # a callable: not tensors-only
+    with pytest.raises(CheckpointError) as err:
+        read_reference_checkpoint(path)
+    assert "weights_only" not in str(err.value) and "never unpickles code" in str(err.value)

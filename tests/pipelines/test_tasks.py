@@ -22,7 +22,7 @@ def test_get_task_finds_a_task_in_its_prefix_module_and_names_similar_ones_on_a_
     from medai.pipelines.tasks import get_task
 
     assert type(get_task("ehr_pretrain")).__module__ == "medai.pipelines.tasks.ehr"
-    with pytest.raises(KeyError, match="unknown task 'ehr_finetune'; similar: ehr_pretrain, ehr_multitask"):
+    with pytest.raises(KeyError, match="unknown task 'ehr_finetune'; did you mean ehr_pretrain, ehr_multitask"):
         get_task("ehr_finetune")
 
 
