@@ -112,6 +112,36 @@ def _fold_config(path: Path, model: str, seed: int, fold: int, s: BenchmarkSetti
     )
 
 
+def _data_identity(path: Path) -> list:
+    """The bag set's files (name, size, mtime): a rerun on a changed file must not reuse folds trained on the old one."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [[p.name if p == path else str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def _reusable(run_dir: Path, cfg: Any, data_identity: list) -> bool:
+    """True when a finished fold was trained exactly as asked; raise MedaiError naming what differs otherwise."""
+    from medai.config import from_dict, read_yaml, to_dict
+    from medai.errors import MedaiError
+    from medai.pipelines.train_config import TrainConfig
+
+    if not (run_dir / "predictions_test.npz").is_file():
+        return False
+    saved = to_dict(from_dict(TrainConfig, read_yaml(run_dir / "config.yaml"), source=run_dir / "config.yaml"))
+    wanted = to_dict(cfg)
+    changed = [f"{section}.{key}" for section in sorted(set(saved) | set(wanted))
+               for key in sorted(set(saved.get(section) or {}) | set(wanted.get(section) or {}))
+               if isinstance(saved.get(section), dict) and isinstance(wanted.get(section), dict)
+               and saved[section].get(key) != wanted[section].get(key)]
+    changed += [k for k in set(saved) | set(wanted) if not isinstance(saved.get(k), dict) and saved.get(k) != wanted.get(k)]
+    identity_file = run_dir / "data_identity.json"
+    if identity_file.is_file() and json.loads(identity_file.read_text()) != data_identity:
+        changed.append("the bag file (size or time changed)")
+    if changed:
+        raise MedaiError(f"{run_dir} holds a fold trained with other settings ({', '.join(sorted(changed))}); "
+                         "its results would be stale: use another output folder, or remove that one to retrain")
+    return True
+
+
 def _fold_predictions(run_dir: Path, test_ids: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
     preds = np.load(run_dir / "predictions_test.npz")
     ids = [test_ids[i] for i in preds["index"].ravel()]
@@ -136,6 +166,7 @@ def run_mil_benchmark(path: str | Path, settings: BenchmarkSettings, output_dir:
     labels = np.array([b.label for b in bags])
     ids = [b.bag_id for b in bags]
     task_type = "binary" if labels.max() <= 1 else "multiclass"
+    identity = _data_identity(path)
     results: dict[str, Any] = {"dataset": str(path), "n_bags": len(bags), "settings": settings.__dict__, "models": {},
                                "split": "fixed" if fixed_split else "cv",
                                "n_test_bags": len(data.splits.get("test", ()))}
@@ -147,9 +178,10 @@ def run_mil_benchmark(path: str | Path, settings: BenchmarkSettings, output_dir:
                 split = bag_splits(data, settings.folds, fold, seed, settings.val_fraction)
                 cfg = _fold_config(path, model, seed, fold, settings, runs_dir)
                 run_dir = runs_dir / model / f"seed{seed}" / f"fold{fold}"
-                if not (run_dir / "predictions_test.npz").is_file():
+                if not _reusable(run_dir, cfg, identity):
                     log.info("training %s seed %d fold %d/%d", model, seed, fold + 1, settings.folds)
                     finetune(cfg)
+                    (run_dir / "data_identity.json").write_text(json.dumps(identity))
                 fold_ids, prob, target = _fold_predictions(run_dir, [ids[i] for i in split["test"]])
                 pooled_ids += fold_ids
                 pooled_prob.append(prob)

@@ -57,3 +57,17 @@ def test_mil_benchmark_runs_a_users_bag_csv(tmp_path, mil_classic_path):
     assert result.exit_code == 0, result.output
     assert "### my_bags.csv (92 bags; 2-fold CV" in result.output
     assert "| abmil | 0 |" in result.output and "| acmil |" not in result.output
+
+
+def test_mil_benchmark_reuses_only_folds_trained_as_asked(tmp_path, mil_classic_path):
+    """Settings belong to results: a rerun with other epochs names the difference instead of reporting old folds."""
+    musk1 = str(mil_classic_path / "musk1" / "musk1.mat")
+    args = ["mil", "benchmark", musk1, "--models", "abmil", "--n-boot", "20", "--out", str(tmp_path)]
+    first = CliRunner().invoke(app, [*args, *FAST])
+    assert first.exit_code == 0, first.output
+    mtime = (tmp_path / "runs" / "abmil" / "seed0" / "fold0" / "predictions_test.npz").stat().st_mtime_ns
+    again = CliRunner().invoke(app, [*args, *FAST])  # same settings: folds reused, not retrained
+    assert again.exit_code == 0
+    assert (tmp_path / "runs" / "abmil" / "seed0" / "fold0" / "predictions_test.npz").stat().st_mtime_ns == mtime
+    other = CliRunner().invoke(app, [*args, "--folds", "2", "--epochs", "2"], env={"COLUMNS": "300"})
+    assert other.exit_code == 2 and "trainer.epochs" in other.output and "other settings" in other.output, other.output
