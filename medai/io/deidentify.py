@@ -1,55 +1,56 @@
 """De-identification for export: DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile.
 
-Covers the attributes of Table E.1-1 that clinical images commonly carry (patient, physicians,
-institution, dates/times, descriptions, device identifiers, request attributes), removes private
-and overlay/curve groups, and remaps every instance UID through one keyed map, so a study keeps its
-internal references (SEG/SR -> images, Frame of Reference) consistent after de-identification.
-Burned-in annotation cannot be cleaned here: such instances are refused.
-"""
+What is applied:
+- every attribute of Table E.1-1 (PS3.15 2024b, 617 tags in medai.io.confidentiality_profile) gets
+  its basic-profile action at any depth of sequences: X removed, Z emptied, D a dummy value, U a
+  new UID; combinations as resolve_action says. D on a sequence (SR Content Sequence, Verifying
+  Observer Sequence, ...) keeps its items' structure, codes (CS) and numbers but gives every text,
+  name, date and time inside a dummy value. Patient Name and ID become the pseudonym, Study Date
+  19000101;
+- private elements and the overlay/curve groups (60xx, 50xx) are removed; every other UID that is
+  not DICOM-defined is remapped too, and every other person name emptied;
+- UIDs are remapped through one keyed map (2.25.<sha256(key|uid)>, key >= 16 characters): the same
+  key gives the same new UIDs, so a study keeps its internal references (SEG/SR -> images, Frame
+  of Reference) across calls, and another key gives unrelated ones;
+- Patient Identity Removed = YES and the method (code 113100) are recorded.
 
+Options: retain_descriptions keeps Study/Series Description (not basic-profile compliant; only for
+descriptions known to hold no identifiers). No other option of the profile (retain dates, device
+or institution identity, clean structured content, ...) is offered.
+
+Pixels are not cleaned: an instance with Burned In Annotation YES is refused, and so is one of a
+modality or SOP class that often carries burned-in text (US, SC, XA, ...) without Burned In
+Annotation NO, unless the caller says its pixels were checked (burned_in_checked).
+"""
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from medai.errors import ConfigError, DicomError
+from medai.io.confidentiality_profile import BASIC_PROFILE
 from medai.io.dicom import iter_files, read_dataset
 
 log = logging.getLogger(__name__)
 
-# Action codes of PS3.15 Table E.1-1 (basic profile column), collapsed to what we do:
-# X remove, Z replace with empty (type 2 kept present), D replace with a dummy value.
-REMOVE = (
-    "OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames", "PatientAddress", "PatientBirthTime",
-    "PatientTelephoneNumbers", "EthnicGroup", "Occupation", "AdditionalPatientHistory", "PatientComments",
-    "MedicalRecordLocator", "PatientAge", "PatientSize", "PatientWeight", "PatientMotherBirthName",
-    "MilitaryRank", "BranchOfService", "CountryOfResidence", "RegionOfResidence", "PatientReligiousPreference",
-    "MedicalAlerts", "Allergies", "PregnancyStatus", "SmokingStatus", "LastMenstrualDate", "PatientState",
-    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "InstitutionCodeSequence",
-    "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers", "ReferringPhysicianIdentificationSequence",
-    "PhysiciansOfRecord", "PhysiciansOfRecordIdentificationSequence", "PerformingPhysicianName",
-    "PerformingPhysicianIdentificationSequence", "NameOfPhysiciansReadingStudy",
-    "PhysiciansReadingStudyIdentificationSequence", "OperatorsName", "OperatorIdentificationSequence",
-    "RequestingPhysician", "RequestingService", "ScheduledPerformingPhysicianName",
-    "AdmittingDiagnosesDescription", "AdmittingDiagnosesCodeSequence", "AdmissionID", "IssuerOfAdmissionID",
-    "StationName", "DeviceSerialNumber", "DetectorID", "GantryID", "PlateID", "CassetteID", "ProtocolName",
-    "StudyDescription", "SeriesDescription", "PerformedProcedureStepDescription", "RequestedProcedureDescription",
-    "ImageComments", "RequestAttributesSequence", "ReferencedPatientSequence", "ReferencedStudySequence",
-    "PerformedProcedureStepID", "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
-    "PerformedProcedureStepEndDate", "PerformedProcedureStepEndTime", "ScheduledProcedureStepID",
-    "RequestedProcedureID", "FillerOrderNumberImagingServiceRequest", "PlacerOrderNumberImagingServiceRequest",
-    "SeriesDate", "SeriesTime", "AcquisitionDate", "AcquisitionTime", "AcquisitionDateTime",
-    "InstanceCreationDate", "InstanceCreationTime", "DerivationDescription", "ContributionDescription",
-    "PersonName", "VerifyingObserverName", "VerifyingOrganization", "ContentCreatorName",
-    "TextComments", "TextString", "CurrentPatientLocation", "PatientInstitutionResidence",
-    "ResponsiblePerson", "ResponsibleOrganization", "InterpretationAuthor", "InterpretationRecorder",
-)
-EMPTY = ("AccessionNumber", "StudyID", "ReferringPhysicianName", "PatientBirthDate", "PatientSex", "StudyTime", "ContentTime")
-DUMMY_DATES = ("StudyDate", "ContentDate")
+# Values written for action D (and where resolve_action picks D of a combination), by VR: valid
+# for the VR and obviously not data. UIDs get the keyed map instead; binary values 8 zero bytes
+# (a whole number of words for every OB/OW/OF/OD/OL/OV).
+DUMMY_TEXT = "ANONYMIZED"
 DUMMY_DATE = "19000101"
+DUMMY_BY_VR = {"DA": DUMMY_DATE, "TM": "000000", "DT": DUMMY_DATE + "000000", "AS": "000Y", "DS": "0", "IS": "0",
+               **dict.fromkeys(("AE", "CS", "SH", "LO", "LT", "ST", "UT", "UC", "UR", "PN"), DUMMY_TEXT),
+               **dict.fromkeys(("US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"), 0),
+               **dict.fromkeys(("OB", "OD", "OF", "OL", "OV", "OW", "UN"), bytes(8))}
+DATE_TIME_VRS = {"DA", "TM", "DT"}
+# Z elements medai fills with a dummy (Z allows one): a study date keeps date-sorting tools working.
+DUMMY_DATE_KEYWORDS = {"StudyDate"}
+# Text VRs whose values a dummy (D) sequence replaces; CS (enumerated codes) and numbers stay.
+FREE_TEXT_VRS = {"AE", "SH", "LO", "LT", "ST", "UT", "UC", "UR", "PN"}
+DESCRIPTION_KEYWORDS = ("StudyDescription", "SeriesDescription")
 # UIDs that name things (SOP classes, transfer syntaxes, coding schemes) rather than patients' data.
 KEEP_UID_KEYWORDS = {"SOPClassUID", "ReferencedSOPClassUID", "MediaStorageSOPClassUID", "TransferSyntaxUID",
                      "ImplementationClassUID", "ReferencedSOPClassUIDInFile", "CodingSchemeUID",
@@ -112,14 +113,49 @@ def burned_in_risk(ds) -> str | None:
     return None
 
 
+def resolve_action(action: str, vr: str) -> str:
+    """The one action medai takes for a Table E.1-1 code: X, Z, D, U, or U* (keep the sequence, clean its items).
+
+    Without the IOD's module tables medai cannot tell a Type 1 from a Type 3 element, so of a
+    combination it takes the choice that keeps an element that was present present whenever the
+    standard allows it (the file stays as conformant as it was): X/Z -> Z (empty); X/Z/D -> D (a
+    dummy: Device Serial Number is Type 1 in enhanced images, and an emptied Type 3 sequence is
+    invalid); Z/D -> a dummy date/time (Content Date/Time are Type 1 in SR) or else empty; X/D -> a
+    dummy date/time or else removal; X/Z/U* -> the sequence kept with every UID inside replaced.
+    """
+    if action in ("X", "Z", "D", "U"):
+        return action
+    if action == "X/Z":
+        return "Z"
+    if action == "X/Z/D":
+        return "D"
+    if action == "Z/D":
+        return "D" if vr in DATE_TIME_VRS else "Z"
+    if action == "X/D":
+        return "D" if vr in DATE_TIME_VRS else "X"
+    if action == "X/Z/U*":
+        return "U*"
+    raise ValueError(f"unknown Table E.1-1 action {action!r}")
+
+
 def deidentify_dataset(ds, uid_map: UidMap, *, pseudonym: str = "ANON", retain_descriptions: bool = False,
                        source: str | Path = "<dataset>", burned_in_checked: bool = False):
-    """De-identify a pydicom Dataset in place (basic profile) and return it.
+    """De-identify a pydicom Dataset in place (PS3.15 basic profile, every attribute of Table E.1-1) and return it.
+
+    Each listed element gets its table action (see resolve_action) at any depth of sequences. D on a
+    sequence (Content Sequence, Verifying Observer Sequence, ...) keeps its items' structure and
+    codes (CS) and numbers but replaces every text, name, date and time inside with a dummy value and
+    every UID through the map. Beyond the table: private elements and the overlay/curve groups are
+    removed, every other UID that is not DICOM-defined or the name of a kind (SOP class, transfer
+    syntax, coding scheme) is remapped, and every other person name is emptied.
 
     retain_descriptions keeps Study/Series Description: this is NOT basic-profile compliant and is only
     for descriptions known to be free of identifiers (it corresponds to the Clean Descriptors option
     without the cleaning).
     """
+    from pydicom import Dataset
+    from pydicom.dataelem import empty_value_for_VR
+
     if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
         raise DicomError(source, "Burned In Annotation is YES: pixel data may show identifiers; refusing to export")
     risk = None if burned_in_checked else burned_in_risk(ds)
@@ -129,28 +165,43 @@ def deidentify_dataset(ds, uid_map: UidMap, *, pseudonym: str = "ANON", retain_d
     for elem in list(ds):
         if 0x6000 <= elem.tag.group <= 0x60FF or 0x5000 <= elem.tag.group <= 0x50FF:
             del ds[elem.tag]  # overlays and curves can carry burned-in text
-    keep = {"StudyDescription", "SeriesDescription"} if retain_descriptions else set()
+    keep = set(DESCRIPTION_KEYWORDS) if retain_descriptions else set()
 
-    def clean(dataset) -> None:
-        for kw in REMOVE:
-            if kw in dataset and kw not in keep:
-                delattr(dataset, kw)
-        for kw in EMPTY:
-            if kw in dataset:
-                dataset.data_element(kw).value = ""
-        for kw in DUMMY_DATES:
-            if kw in dataset and dataset.get(kw):
-                setattr(dataset, kw, DUMMY_DATE)
+    def remap(elem) -> None:
+        if elem.VM > 1:
+            elem.value = [uid_map(str(v)) for v in elem.value]
+        elif elem.value:
+            elem.value = uid_map(str(elem.value))
+
+    def dummy(elem) -> None:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                clean(item, dummy_text=True)
+        elif elem.VR == "UI":
+            remap(elem)
+        elif elem.VR in DUMMY_BY_VR:
+            elem.value = DUMMY_BY_VR[elem.VR]
+
+    def clean(dataset, *, dummy_text: bool = False) -> None:
         for elem in list(dataset):
-            if elem.VR == "SQ":
+            if elem.keyword in keep:
+                continue
+            listed = BASIC_PROFILE.get(elem.tag)
+            action = resolve_action(listed, elem.VR) if listed else None
+            if action == "X":
+                del dataset[elem.tag]
+            elif action == "Z" and elem.keyword in DUMMY_DATE_KEYWORDS and elem.value:
+                elem.value = DUMMY_DATE
+            elif action == "Z":
+                elem.value = empty_value_for_VR(elem.VR)
+            elif action == "D" or (dummy_text and elem.VR in FREE_TEXT_VRS | DATE_TIME_VRS and elem.value):
+                dummy(elem)
+            elif elem.VR == "SQ":
                 for item in elem.value:
-                    clean(item)
+                    clean(item, dummy_text=dummy_text)
             elif elem.VR == "UI" and elem.keyword not in KEEP_UID_KEYWORDS and elem.value:
-                if elem.VM > 1:
-                    elem.value = [uid_map(str(v)) for v in elem.value]
-                else:
-                    elem.value = uid_map(str(elem.value))
-            elif elem.VR in ("PN",) and elem.value and elem.keyword not in ("PatientName",):
+                remap(elem)  # U, U*, and UIDs the table does not list (remapped all the same)
+            elif elem.VR == "PN" and elem.value and elem.keyword != "PatientName":
                 elem.value = ""  # any other person name left in the dataset
 
     clean(ds)
@@ -160,9 +211,8 @@ def deidentify_dataset(ds, uid_map: UidMap, *, pseudonym: str = "ANON", retain_d
     if meta is not None and "MediaStorageSOPInstanceUID" in meta:
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = "PS3.15 Basic Application Confidentiality Profile (medai)"
-    from pydicom import Dataset
-
+    ds.DeidentificationMethod = ("PS3.15 Basic Application Confidentiality Profile (medai)"
+                                 + ("; Study/Series Description retained" if retain_descriptions else ""))
     code = Dataset()
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "113100", "DCM", "Basic Application Confidentiality Profile"
     ds.DeidentificationMethodCodeSequence = [code]
