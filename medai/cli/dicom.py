@@ -77,13 +77,22 @@ def dicom_info(path: Path = typer.Argument(..., exists=True, dir_okay=False, hel
 def dicom_deidentify(
     src: Path = typer.Argument(..., exists=True, help="Folder (or file) to de-identify."),
     out: Path = typer.Argument(..., help="Output folder."),
-    secret: str = typer.Option(..., envvar="MEDAI_DEID_SECRET", help="Key for the UID remapping (same key: same new UIDs)."),
+    secret: str = typer.Option(..., envvar="MEDAI_DEID_SECRET",
+                               help="Key (16+ characters) for the UID remapping: same key, same new UIDs; keep it secret."),
     pseudonym: str = typer.Option("ANON", help="Patient Name/ID written instead."),
     burned_in_checked: bool = typer.Option(
         False, "--burned-in-checked",
         help="The pixels of US/SC/XA/... images without a Burned In Annotation element were checked for text."),
 ) -> None:
-    """De-identify (PS3.15 basic profile) with UIDs remapped consistently; lists refused files.
+    """De-identify with the DICOM PS3.15 Basic Application Level Confidentiality Profile; lists refused files.
+
+    Every attribute of PS3.15 Table E.1-1 gets its basic-profile action (removed, emptied, a dummy value or a new UID), inside sequences too; private elements and overlays are removed; Patient Name and ID become --pseudonym.
+
+    UIDs are remapped through a map keyed by --secret: a study's references (SEG/SR -> images) stay consistent, another key gives unrelated UIDs.
+
+    No option of the profile is applied: dates, descriptions, device and institution identity are not retained, and the text, codes, names and dates inside SR content are replaced by dummy values (numbers and structure stay).
+
+    Pixels are not cleaned: images with Burned In Annotation YES are refused, and so are US/SC/XA/... images without Burned In Annotation NO unless --burned-in-checked.
 
     Exit 0 all written, 1 some refused (each named), 2 bad key/source/output or no file to read.
     """
