@@ -612,7 +612,7 @@ def read_reference_checkpoint(path: str | Path) -> dict[str, Tensor]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or code-carrying pickles
-        # torch's own message advises weights_only=False, which would run code from the file: not relayed.
+        # torch's own message advises turning its weights-only guard off, which would run code from the file: not relayed.
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         at = next((i for i, line in enumerate(lines) if "WeightsUnpickler error" in line), None)
         cause = None
