@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import struct
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -114,7 +115,7 @@ def read_dataset(path: str | Path, *, stop_before_pixels: bool = False, allow_no
     anyway pass False to read each file once.
     """
     pydicom = _pydicom()
-    from pydicom.errors import InvalidDicomError
+    from pydicom.errors import BytesLengthException, InvalidDicomError
 
     path = Path(path)
     try:
@@ -140,7 +141,9 @@ def read_dataset(path: str | Path, *, stop_before_pixels: bool = False, allow_no
                 "pass allow_no_preamble=True to read it anyway",
             ) from exc
         raise DicomReadError(path, "not a DICOM file (no 'DICM' prefix)") from exc
-    except (EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
+    except (EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError, struct.error,
+            BytesLengthException) as exc:
+        # struct.error: an element header cut short; BytesLengthException: a file meta value of the wrong length
         raise DicomReadError(path, f"truncated or malformed header ({_value_free(exc)})") from None
     if allow_no_preamble and "SOPClassUID" not in ds:
         raise DicomReadError(path, "not a DICOM file (no SOP Class UID)")
@@ -154,6 +157,13 @@ def read_dataset(path: str | Path, *, stop_before_pixels: bool = False, allow_no
         except Exception as exc:  # pydicom raises many types for bad values
             # pydicom's message quotes the raw value (a name, an ID): name the element, drop the cause.
             raise DicomReadError(path, _malformed_element_reason(ds, tag, exc)) from None
+    # pydicom stops quietly at the end of the file: a file cut inside its header reads as a short
+    # dataset, and every user of an instance (index, info, convert, de-identify) needs these two.
+    missing = [name for name, keyword in (("SOP Class UID", "SOPClassUID"), ("SOP Instance UID", "SOPInstanceUID"))
+               if not ds.get(keyword)]
+    if missing:
+        raise DicomReadError(path, f"truncated or malformed header: no {' or '.join(missing)} "
+                                   "(a file cut short, or not a DICOM instance, e.g. a DICOMDIR)")
     if not stop_before_pixels:
         _check_pixel_element_complete(ds, path, size)
     return ds
@@ -174,7 +184,7 @@ def _malformed_element_reason(ds, tag, exc: BaseException) -> str:
     from pydicom.datadict import keyword_for_tag
     from pydicom.errors import BytesLengthException
 
-    vr = getattr(ds.get_item(tag), "VR", None)
+    vr = getattr(ds.get_item(tag, keep_deferred=True), "VR", None)  # a deferred value would be read (and fail) again
     vr = vr if isinstance(vr, str) and _VR_CODE.fullmatch(vr) else "?"
     if isinstance(exc, NotImplementedError) and "Unknown Value Representation" in str(exc):
         fault = f"Unknown Value Representation '{vr}'"
@@ -205,7 +215,8 @@ def _check_pixel_element_complete(ds, path: Path, file_size: int) -> None:
     deferred = getattr(raw, "value", None) is None and ts != "1.2.840.10008.1.2.1.99"
     length = getattr(raw, "length", None) if deferred else None
     tell = getattr(raw, "value_tell", None) if deferred else None
-    if ts is not None and not ts.is_compressed and all(k in ds for k in ("Rows", "Columns", "BitsAllocated")):
+    # (an unknown transfer syntax UID, e.g. a garbled one, cannot say whether it is compressed: no size check)
+    if ts is not None and ts.is_transfer_syntax and not ts.is_compressed and all(k in ds for k in ("Rows", "Columns", "BitsAllocated")):
         frames = _int_or_none(ds.get("NumberOfFrames")) or 1
         bits = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) * frames
         expected = (bits + 7) // 8
@@ -504,6 +515,11 @@ def transfer_syntax_name(ds) -> str:
     return f"{uid.name} ({uid})" if uid else "unknown transfer syntax"
 
 
+def _drop_plugin_tracebacks(record: logging.LogRecord) -> bool:
+    """Logging filter: pydicom logs each failing decoder plugin with a traceback; the DicomDecodeError names them all."""
+    return record.exc_info is None
+
+
 def decode_frames(ds, path: str | Path) -> tuple[np.ndarray, str]:
     """Decode all frames to (frames, rows, columns[, 3]) and return them with 'MONOCHROME' or 'RGB'.
 
@@ -516,10 +532,19 @@ def decode_frames(ds, path: str | Path) -> tuple[np.ndarray, str]:
     if "SOPClassUID" in ds and instance_kind(str(ds.SOPClassUID)) not in ("image",):
         raise DicomNotImageError(path, sop_class_name(str(ds.SOPClassUID)))
     _check_image_attributes(ds, path)
+    decoder_log = logging.getLogger("pydicom.pixels.decoders.base")
+    decoder_log.addFilter(_drop_plugin_tracebacks)
     try:
         arr = ds.pixel_array
-    except Exception as exc:  # decoders raise RuntimeError/ValueError/NotImplementedError...
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # decoders raise RuntimeError/ValueError/NotImplementedError...
+        # ... and the Rust ones (pylibjpeg-rle) panic on bad data with pyo3's PanicException, a BaseException
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            raise
         raise DicomDecodeError(path, transfer_syntax_name(ds), f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        decoder_log.removeFilter(_drop_plugin_tracebacks)
     photometric = str(ds.PhotometricInterpretation).strip()
     samples = int(ds.SamplesPerPixel)
     frames = _int_or_none(ds.get("NumberOfFrames")) or 1
@@ -657,10 +682,8 @@ def frame_geometries(ds, path: str | Path) -> list[FrameGeometry]:
     if per_frame is not None or shared is not None:
         for f in range(n_frames):
             item = per_frame[f] if per_frame is not None and f < len(per_frame) else None
-            window = None
-            wc, ww = lookup(item, "FrameVOILUTSequence", "WindowCenter"), lookup(item, "FrameVOILUTSequence", "WindowWidth")
-            if wc is not None and ww is not None:
-                window = (_first_float(wc), _first_float(ww))
+            window = _window_or_none(lookup(item, "FrameVOILUTSequence", "WindowCenter"),
+                                     lookup(item, "FrameVOILUTSequence", "WindowWidth"))
             spacing = _spacing_or_none(lookup(item, "PixelMeasuresSequence", "PixelSpacing"))
             thick = lookup(item, "PixelMeasuresSequence", "SliceThickness")
             slope = lookup(item, "PixelValueTransformationSequence", "RescaleSlope")
@@ -673,9 +696,10 @@ def frame_geometries(ds, path: str | Path) -> list[FrameGeometry]:
                     position=_ds_float_seq(lookup(item, "PlanePositionSequence", "ImagePositionPatient"), 3),
                     orientation=_ds_float_seq(lookup(item, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
                     pixel_spacing=tuple(spacing) if spacing is not None else None,
-                    slice_thickness=float(thick) if thick not in (None, "") else None,
-                    slope=float(slope) if slope not in (None, "") else float(ds.get("RescaleSlope", 1) or 1),
-                    intercept=float(intercept) if intercept not in (None, "") else float(ds.get("RescaleIntercept", 0) or 0),
+                    slice_thickness=_one_float(thick),
+                    slope=_rescale(slope if slope not in (None, "") else ds.get("RescaleSlope"), 1.0, "Rescale Slope", path),
+                    intercept=_rescale(intercept if intercept not in (None, "") else ds.get("RescaleIntercept"), 0.0,
+                                       "Rescale Intercept", path),
                     instance_number=inst,
                     window=window,
                 )
@@ -684,9 +708,7 @@ def frame_geometries(ds, path: str | Path) -> list[FrameGeometry]:
     spacing = _spacing_or_none(ds.get("PixelSpacing"))
     if spacing is None:
         spacing = _spacing_or_none(ds.get("ImagerPixelSpacing"))
-    window = None
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        window = (_first_float(ds.WindowCenter), _first_float(ds.WindowWidth))
+    window = _window_or_none(ds.get("WindowCenter"), ds.get("WindowWidth"))
     position = _ds_float_seq(ds.get("ImagePositionPatient"), 3)
     orientation = _ds_float_seq(ds.get("ImageOrientationPatient"), 6)
     thick = ds.get("SliceThickness")
@@ -700,9 +722,9 @@ def frame_geometries(ds, path: str | Path) -> list[FrameGeometry]:
                 position=position if n_frames == 1 else None,
                 orientation=orientation if n_frames == 1 else None,
                 pixel_spacing=tuple(spacing) if spacing is not None else None,
-                slice_thickness=float(thick) if thick not in (None, "") else None,
-                slope=float(ds.get("RescaleSlope", 1) or 1),
-                intercept=float(ds.get("RescaleIntercept", 0) or 0),
+                slice_thickness=_one_float(thick),
+                slope=_rescale(ds.get("RescaleSlope"), 1.0, "Rescale Slope", path),
+                intercept=_rescale(ds.get("RescaleIntercept"), 0.0, "Rescale Intercept", path),
                 instance_number=inst,
                 window=window,
             )
@@ -715,6 +737,32 @@ def _first_float(value) -> float:
         return float(value[0]) if not isinstance(value, (str, bytes)) and hasattr(value, "__len__") else float(value)
     except TypeError:
         return float(value)
+
+
+def _one_float(value) -> float | None:
+    """A single number, or None when absent, empty or not one number (a multi-valued or garbled element)."""
+    try:
+        return None if value in (None, "") else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _rescale(value, default: float, name: str, path: str | Path) -> float:
+    """Rescale Slope/Intercept (the default when absent, empty or 0 for the slope); refuse one that is not a number."""
+    if not value:
+        return default
+    number = _one_float(value)
+    if number is None:
+        raise DicomReadError(path, f"{name} is not one number: modality values cannot be computed")
+    return number
+
+
+def _window_or_none(center, width) -> tuple[float, float] | None:
+    """The first (center, width) window, or None when either is absent, empty (Type 3 elements may be) or not a number."""
+    try:
+        return _first_float(center), _first_float(width)
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 def check_orientation(iop: np.ndarray, source: str | Path, tolerance: float = ORTHOGONALITY_TOLERANCE) -> tuple[np.ndarray, np.ndarray, float]:
@@ -841,15 +889,14 @@ def _load_mosaic(path: str, ds, label) -> DicomVolume:
     if np.issubdtype(array.dtype, np.floating) and np.all(array == np.round(array)) and array.min() >= -32768 and array.max() <= 32767:
         array = array.astype(np.int16)
     spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
-    window = None
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        window = (_first_float(ds.WindowCenter), _first_float(ds.WindowWidth))
+    window = _window_or_none(ds.get("WindowCenter"), ds.get("WindowWidth"))
     orientation = _ds_float_seq(ds.get("ImageOrientationPatient"), 6)
     frames = [
         FrameGeometry(path=str(path), frame=0, sop_instance_uid=str(ds.SOPInstanceUID),
                       position=(affine @ [0, 0, k, 1])[:3], orientation=orientation,
                       pixel_spacing=(spacing[1], spacing[0]), slice_thickness=_int_or_none(ds.get("SliceThickness")),
-                      slope=float(ds.get("RescaleSlope", 1) or 1), intercept=float(ds.get("RescaleIntercept", 0) or 0),
+                      slope=_rescale(ds.get("RescaleSlope"), 1.0, "Rescale Slope", path),
+                      intercept=_rescale(ds.get("RescaleIntercept"), 0.0, "Rescale Intercept", path),
                       instance_number=_int_or_none(ds.get("InstanceNumber")), window=window)
         for k in range(array.shape[2])
     ]

@@ -488,6 +488,93 @@ def test_malformed_element_errors_name_the_tag_but_never_the_value(
     assert any(keyword in t for t in texts[2:])  # the folder refusal and the CLI name the element too
 
 
+HCROP_SERIES = "Study1/13_HCropVolume"
+
+
+def test_a_file_cut_anywhere_in_its_header_is_read_or_refused_by_name(dicom_brain_tumor_progression_path, tmp_path):
+    """Found by the hostile-input harness: cut inside the file meta (BytesLengthException) or an element header
+    (struct.error), cut before the SOP UIDs (a short dataset that later failed on ds.SOPClassUID), or cut inside
+    Window Width (an empty DS that float() refused) ended in tracebacks; each must be a DicomError naming the file."""
+    data = (dicom_brain_tumor_progression_path / HCROP_SERIES / "1.dcm").read_bytes()
+    cut = tmp_path / "cut.dcm"
+    refused = 0
+    for length in range(1, 1300):
+        cut.write_bytes(data[:length])
+        try:
+            describe_file(cut)
+        except DicomReadError as exc:
+            assert str(cut) in str(exc) and exc.reason
+            refused += 1
+    assert refused > 600
+    cut.write_bytes(data[:132])  # preamble and prefix only: pydicom reads an empty dataset
+    with pytest.raises(DicomReadError, match="no SOP Class UID or SOP Instance UID"):
+        describe_file(cut)
+
+
+def test_an_oversized_malformed_element_is_named_without_reading_it_again(dicom_brain_tumor_progression_path, tmp_path):
+    """A value over the deferred-read size that does not parse: naming it must not parse it a second time."""
+    import struct
+
+    from medai.io.dicom import read_dataset
+
+    data = (dicom_brain_tumor_progression_path / HCROP_SERIES / "7.dcm").read_bytes()
+    at = data.find(b"\xe0\x7f\x10\x00")  # Pixel Data: insert before it, in tag order
+    length = 300_004  # not a multiple of UV's 8 bytes, and deferred (over 256 KB)
+    element = struct.pack("<HH", 0x0040, 0x9212) + b"UV\x00\x00" + struct.pack("<I", length) + bytes(length)
+    path = tmp_path / "big.dcm"
+    path.write_bytes(data[:at] + element + data[at:])
+    with pytest.raises(DicomReadError, match=r"\(0040,9212\) RealWorldValueLUTData: value length is not a multiple"):
+        read_dataset(path)
+
+
+def test_empty_window_and_garbled_rescale_or_thickness(dicom_brain_tumor_progression_path, tmp_path):
+    """An empty Window Width is allowed (no window); a multi-valued Slice Thickness is unknown; a Rescale Slope that
+    is not one number is refused by name (modality values would be wrong)."""
+    source = dicom_brain_tumor_progression_path / HCROP_SERIES / "1.dcm"
+    ds = pydicom.dcmread(source)
+    ds.WindowWidth = ""
+    ds.SliceThickness = [1, 2]
+    ds.save_as(tmp_path / "empty_window.dcm")
+    info = describe_file(tmp_path / "empty_window.dcm")
+    assert info["decodes"] is True
+    volume = load_series(tmp_path / "empty_window.dcm")
+    assert volume.frames[0].window is None and volume.frames[0].slice_thickness is None
+    ds = pydicom.dcmread(source)
+    ds.RescaleSlope = [1, 2]
+    ds.save_as(tmp_path / "two_slopes.dcm")
+    with pytest.raises(DicomReadError, match="Rescale Slope is not one number"):
+        describe_file(tmp_path / "two_slopes.dcm")
+
+
+def test_an_unknown_transfer_syntax_uid_is_read_and_refused_at_decoding(dicom_brain_tumor_progression_path, tmp_path):
+    """A garbled Transfer Syntax UID: the Pixel Data size check asked pydicom whether it is compressed (ValueError)."""
+    data = (dicom_brain_tumor_progression_path / HCROP_SERIES / "1.dcm").read_bytes()
+    path = tmp_path / "unknown_ts.dcm"
+    path.write_bytes(data.replace(b"1.2.840.10008.1.2.1\x00", b"1.2.840.10008.1.2.7\x00", 1))
+    info = describe_file(path)
+    assert info["decodes"] is False and "1.2.840.10008.1.2.7" in info["transfer_syntax"]
+
+
+def test_a_panicking_decoder_is_a_decode_error_and_plugin_tracebacks_stay_out_of_the_log(
+    dicom_pydicom_data_path, tmp_path, caplog
+):
+    """pylibjpeg-rle panics (pyo3's PanicException, a BaseException) on a bad segment offset; pydicom logs every
+    failing plugin with its traceback. Both reached the user; the DicomDecodeError names each plugin's failure."""
+    from medai.io.dicom import decode_frames, read_dataset
+
+    data = bytearray((dicom_pydicom_data_path / "emri_small_RLE.dcm").read_bytes())
+    pixels = data.find(b"\xe0\x7f\x10\x00")
+    offsets_item = data.find(b"\xfe\xff\x00\xe0", pixels)
+    first_fragment = data.find(b"\xfe\xff\x00\xe0", offsets_item + 8) + 8
+    data[first_fragment + 8] = 0  # the RLE header's second segment offset, now inside the first segment
+    path = tmp_path / "bad_rle.dcm"
+    path.write_bytes(bytes(data))
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(DicomDecodeError, match="RLE Lossless"):
+        decode_frames(read_dataset(path), path)
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
+
+
 # ---------------------------------------------------------------- windowing, CLI
 
 
