@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from pathlib import Path
 from medai.errors import ConfigError, DicomError
 from medai.io.confidentiality_profile import BASIC_PROFILE
 from medai.io.dicom import iter_files, read_dataset
+from medai.utils import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,8 @@ def deidentify_dataset(ds, uid_map: UidMap, *, pseudonym: str = "ANON", retain_d
     for elem in list(ds):
         if 0x6000 <= elem.tag.group <= 0x60FF or 0x5000 <= elem.tag.group <= 0x50FF:
             del ds[elem.tag]  # overlays and curves can carry burned-in text
+        elif elem.tag.group == 0x0000:
+            del ds[elem.tag]  # Command Set elements belong to a network message, not a stored file (not writable)
     keep = set(DESCRIPTION_KEYWORDS) if retain_descriptions else set()
 
     def remap(elem) -> None:
@@ -227,19 +231,34 @@ def deidentify_files(paths: Iterable[str | Path], out_dir: str | Path, *, secret
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, refused = [], []
+    sources: dict[Path, str] = {}  # written file -> the input it came from
     for path in paths:
         try:
-            ds = read_dataset(path)
+            ds = read_dataset(path, every_element=True)  # a malformed private or nested element: refused by name
             deidentify_dataset(ds, uid_map, pseudonym=pseudonym, retain_descriptions=retain_descriptions, source=path,
                                burned_in_checked=burned_in_checked)
+            target = out_dir / f"{ds.SOPInstanceUID}.dcm"
+            if target in sources:
+                # Same SOP Instance UID (another copy, or a conflicting file): writing it would replace the first.
+                raise DicomError(path, f"same SOP Instance UID as {sources[target]}, already written; not written twice")
+            _write(ds, target, path)
         except DicomError as exc:
             refused.append((str(path), exc.reason))
             log.warning("not exported: %s", exc)
             continue
-        target = out_dir / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(target, enforce_file_format=True)
+        sources[target] = str(path)
         written.append(target)
     return written, refused
+
+
+def _write(ds, target: Path, source: str | Path) -> None:
+    """Write the de-identified dataset whole or not at all; a value pydicom cannot encode is a DicomError."""
+    try:
+        with atomic_write(target) as tmp:
+            ds.save_as(tmp, enforce_file_format=True)
+    except (ValueError, TypeError, OverflowError, struct.error) as exc:
+        # the message may quote a value: name the error type only
+        raise DicomError(source, f"cannot be written as DICOM ({type(exc).__name__} from the writer)") from None
 
 
 def deidentify_folder(src: str | Path, out_dir: str | Path, *, secret: str, **kwargs) -> tuple[list[Path], list[tuple[str, str]]]:

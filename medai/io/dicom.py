@@ -108,11 +108,12 @@ def sop_class_name(uid: str) -> str:
 
 
 def read_dataset(path: str | Path, *, stop_before_pixels: bool = False, allow_no_preamble: bool = False,
-                 defer_pixels: bool = True):
+                 defer_pixels: bool = True, every_element: bool = False):
     """Read one DICOM Part 10 file or raise DicomReadError naming the file and why.
 
     defer_pixels: leave large values (Pixel Data) on disk until used: fast scans; loaders that decode
     anyway pass False to read each file once.
+    every_element: also parse private elements and sequence contents (de-identification visits them all).
     """
     pydicom = _pydicom()
     from pydicom.errors import BytesLengthException, InvalidDicomError
@@ -149,24 +150,37 @@ def read_dataset(path: str | Path, *, stop_before_pixels: bool = False, allow_no
         raise DicomReadError(path, "not a DICOM file (no SOP Class UID)")
     # Convert every public top-level element now so that odd VRs and bad lengths fail here, at the
     # boundary. Private elements and sequence contents stay raw (parsing them all triples load time).
-    for tag in list(ds.keys()):
-        if tag == 0x7FE00010 or tag.is_private:
-            continue
-        try:
-            _ = ds[tag].value
-        except Exception as exc:  # pydicom raises many types for bad values
-            # pydicom's message quotes the raw value (a name, an ID): name the element, drop the cause.
-            raise DicomReadError(path, _malformed_element_reason(ds, tag, exc)) from None
+    _parse_elements(ds, path, every_element)
+    if every_element and getattr(ds, "file_meta", None) is not None:
+        _parse_elements(ds.file_meta, path, every_element)
     # pydicom stops quietly at the end of the file: a file cut inside its header reads as a short
     # dataset, and every user of an instance (index, info, convert, de-identify) needs these two.
-    missing = [name for name, keyword in (("SOP Class UID", "SOPClassUID"), ("SOP Instance UID", "SOPInstanceUID"))
-               if not ds.get(keyword)]
+    sop_uids = {"SOP Class UID": ds.get("SOPClassUID"), "SOP Instance UID": ds.get("SOPInstanceUID")}
+    missing = [name for name, value in sop_uids.items() if not value]
     if missing:
         raise DicomReadError(path, f"truncated or malformed header: no {' or '.join(missing)} "
                                    "(a file cut short, or not a DICOM instance, e.g. a DICOMDIR)")
+    several = [name for name, value in sop_uids.items() if not isinstance(value, str)]
+    if several:
+        raise DicomReadError(path, f"malformed header: several values in {' and '.join(several)} (one is required)")
     if not stop_before_pixels:
         _check_pixel_element_complete(ds, path, size)
     return ds
+
+
+def _parse_elements(ds, path: Path, every_element: bool) -> None:
+    """Parse the dataset's public top-level elements (all elements, nested too, with every_element) or raise DicomReadError."""
+    for tag in list(ds.keys()):
+        if tag == 0x7FE00010 or (tag.is_private and not every_element):
+            continue
+        try:
+            value = ds[tag].value
+        except Exception as exc:  # pydicom raises many types for bad values
+            # pydicom's message quotes the raw value (a name, an ID): name the element, drop the cause.
+            raise DicomReadError(path, _malformed_element_reason(ds, tag, exc)) from None
+        if every_element and ds[tag].VR == "SQ":
+            for item in value:
+                _parse_elements(item, path, every_element)
 
 
 # Quoted literals ('...', "...", b'...') in library exception text: where pydicom echoes element values.
@@ -472,8 +486,8 @@ def _index_entry(ds, path: Path):
         rows=_int_or_none(ds.get("Rows")),
         columns=_int_or_none(ds.get("Columns")),
         transfer_syntax=ts,
-        position_mm=[float(v) for v in ds.ImagePositionPatient] if ds.get("ImagePositionPatient") else None,
-        orientation=[float(v) for v in ds.ImageOrientationPatient] if ds.get("ImageOrientationPatient") else None,
+        position_mm=_float_list(ds.get("ImagePositionPatient"), 3),
+        orientation=_float_list(ds.get("ImageOrientationPatient"), 6),
     )
     study = dict(
         study_uid=str(ds.StudyInstanceUID),
@@ -492,6 +506,12 @@ def _index_entry(ds, path: Path):
         kind=kind,
     )
     return record, study, series
+
+
+def _float_list(value, n: int) -> list[float] | None:
+    """n finite numbers as a list, or None when absent or garbled (pydicom keeps an unparsable DS as text)."""
+    arr = _ds_float_seq(value, n)
+    return None if arr is None else [float(v) for v in arr]
 
 
 def _check_image_attributes(ds, path: Path) -> None:

@@ -105,3 +105,49 @@ def test_cli_exit_codes(dicom_dcmqi_path, tmp_path):
     empty.mkdir()
     nothing = runner.invoke(app, ["dicom", "deidentify", str(empty), str(tmp_path / "c"), "--secret", KEY_A])
     assert nothing.exit_code == 2, nothing.output
+
+
+def test_hostile_copies_are_refused_by_name_and_never_overwrite_a_written_file(
+    dicom_dcmqi_path, dicom_brain_tumor_progression_path, tmp_path
+):
+    """Found by the hostile-input harness: a malformed private or file-meta element, a Command Set element and
+    a multi-valued SOP Instance UID were tracebacks; a second file with the same SOP Instance UID silently
+    replaced the first one's output while the count said both were written."""
+    import struct
+
+    source = dicom_dcmqi_path / "segmentations" / "ct-3slice" / "01.dcm"
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(source, src / "a_original.dcm")
+    shutil.copy(source, src / "b_same_instance.dcm")
+    # an explicit-VR file (the TCIA crop), where a private element carries its own VR: a UL of 3 bytes
+    data = (dicom_brain_tumor_progression_path / "Study1" / "13_HCropVolume" / "1.dcm").read_bytes()
+    at = data.find(b"\x10\x00\x10\x00PN")  # Patient Name: the private group 0009 goes just before it
+    private = b"\x09\x00\x10\x00LO\x04\x00ACME" + b"\x09\x00\x01\x10UL\x03\x00\x01\x02\x03"
+    (src / "c_bad_private.dcm").write_bytes(data[:at] + private + data[at:])
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = [pydicom.uid.generate_uid(), pydicom.uid.generate_uid()]
+    ds.save_as(src / "d_two_uids.dcm")
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(src / "e_command_element.dcm")
+    data = (src / "e_command_element.dcm").read_bytes()
+    dataset_start = 144 + struct.unpack("<I", data[140:144])[0]
+    comment = _implicit(0x0000, 0x0902, b"note")  # Error Comment, a Command Set element
+    (src / "e_command_element.dcm").write_bytes(data[:dataset_start] + comment + data[dataset_start:])
+
+    written, refused = deidentify_folder(src, tmp_path / "out", secret=KEY_A)
+    reasons = {name.rsplit("/", 1)[-1]: reason for name, reason in refused}
+    assert set(reasons) == {"b_same_instance.dcm", "c_bad_private.dcm", "d_two_uids.dcm"}, reasons
+    assert "a_original.dcm" in reasons["b_same_instance.dcm"] and "not written twice" in reasons["b_same_instance.dcm"]
+    assert "(0009,1001)" in reasons["c_bad_private.dcm"]
+    assert "several values in SOP Instance UID" in reasons["d_two_uids.dcm"]
+    assert len(written) == 2 and sorted((tmp_path / "out").iterdir()) == sorted(written)
+    assert all(e.tag.group != 0 for path in written for e in pydicom.dcmread(path))
+
+
+def _implicit(group: int, element: int, value: bytes) -> bytes:
+    """One element in Implicit VR Little Endian (the dcmqi CT's transfer syntax): tag, 4-byte length, value."""
+    import struct
+
+    return struct.pack("<HHI", group, element, len(value)) + value

@@ -768,3 +768,14 @@ def test_scan_json_redacts_patient_fields_unless_phi(dicom_brain_tumor_progressi
     assert study["patient_id"] in ("<redacted>", "") and study["patient_name"] in ("<redacted>", "")
     kept = json.loads(CliRunner().invoke(app, ["dicom", "scan", str(folder), "--json", "--phi"]).stdout)
     assert next(iter(kept["studies"].values()))["patient_id"] not in ("<redacted>",)
+
+
+def test_scan_indexes_a_file_with_a_garbled_position_without_its_geometry(dicom_brain_tumor_progression_path, tmp_path):
+    """pydicom keeps an unparsable DS (here 'p') as text; scan's float() of it was a traceback."""
+    data = bytearray((dicom_brain_tumor_progression_path / HCROP_SERIES / "1.dcm").read_bytes())
+    at = data.find(b"\x20\x00\x32\x00DS")  # Image Position (Patient), explicit VR: its value starts 8 bytes on
+    data[at + 8] = ord("p")
+    (tmp_path / "p.dcm").write_bytes(bytes(data))
+    index = scan_folder(tmp_path)
+    (series,) = index.all_series()
+    assert not index.refused and series.instances[0].position_mm is None
