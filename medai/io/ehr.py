@@ -892,8 +892,32 @@ def ingest_mimic(root: str | Path, *, labs: bool = True, prescriptions: bool = T
         from medai.errors import DatasetNotFoundError
 
         raise DatasetNotFoundError(root, "MIMIC-IV table folder")
-    scan = {name: _scan_table(root, name, cols) for name, cols in MIMIC_REQUIRED.items()
-            if (name != "labevents" or labs) and (name != "prescriptions" or prescriptions)}
+    names = [name for name in MIMIC_REQUIRED if (name != "labevents" or labs) and (name != "prescriptions" or prescriptions)]
+    try:
+        return _read_mimic(root, names)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        # polars reads lazily: a cut or corrupt gzip, an empty file or a bad byte shows only when the
+        # joined query runs, and its message names no file. Find the table that does not read.
+        paths = [_find_table(root, name) for name in (*names, *MIMIC_OPTIONAL)]
+        broken = next((path for path in paths if path is not None and not _table_reads(path)), root)
+        raise EHRTableError(broken, f"MIMIC table unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def _table_reads(path: Path) -> bool:
+    """True when polars reads the whole table (used only to name the table behind a failed query)."""
+    try:
+        if path.suffix == ".parquet":
+            pl.scan_parquet(path).select(pl.len()).collect()
+        else:  # every column decoded (a bad UTF-8 byte shows only then), streamed: memory stays bounded
+            pl.scan_csv(path, infer_schema=False).select(pl.all().str.len_bytes().max()).collect(engine="streaming")
+    except (pl.exceptions.PolarsError, OSError):
+        return False
+    return True
+
+
+def _read_mimic(root: Path, names: list[str]) -> EHRTables:
+    """The MIMIC tables under root as EHRTables (polars errors propagate)."""
+    scan = {name: _scan_table(root, name, MIMIC_REQUIRED[name]) for name in names}
     patients = scan["patients"].select(
         pl.col("subject_id").alias("patient_id"),
         pl.col("subject_id").alias("identifier"),
@@ -960,7 +984,7 @@ def ingest_mimic(root: str | Path, *, labs: bool = True, prescriptions: bool = T
         pl.concat_str([pl.lit("procedures_icd:"), pl.col("hadm_id"), pl.lit(":"), pl.col("seq_num")]).alias("source_id"),
     )
     frames.append(px)
-    if labs:
+    if "labevents" in scan:
         lab = scan["labevents"].select(
             pl.col("subject_id").alias("patient_id"),
             pl.col("hadm_id").alias("visit_id"),
@@ -974,7 +998,7 @@ def ingest_mimic(root: str | Path, *, labs: bool = True, prescriptions: bool = T
             pl.concat_str([pl.lit("labevents:"), pl.col("labevent_id")]).alias("source_id"),
         )
         frames.append(lab)
-    if prescriptions:
+    if "prescriptions" in scan:
         # NDC when the row has a real one; MIMIC writes '0' for ward stock, so fall back to the drug name.
         rx = scan["prescriptions"].select(
             pl.col("subject_id").alias("patient_id"),

@@ -375,3 +375,34 @@ def test_cli_ingest_and_summary(mimic_iv_fhir_demo_partial_path: Path, hl7_fhir_
     assert (out / "meds" / "data" / "data_0.parquet").is_file()
     summary = CliRunner().invoke(app, ["ehr", "summary", str(out)], env={"COLUMNS": "200"})
     assert summary.exit_code == 0 and "ICD10CM" in summary.output and "2110-" in summary.output
+
+
+@pytest.mark.parametrize("table,damage", [("admissions", "cut"), ("patients", "empty"), ("diagnoses_icd", "bad_utf8")])
+def test_an_unreadable_mimic_table_is_named_not_a_traceback(mimic_iv_demo_path: Path, tmp_path: Path, table, damage):
+    """Found by the hostile-input harness: polars reads lazily, so a cut gzip, an empty file or a non-UTF-8
+    byte surfaced as OSError / NoDataError / ComputeError tracebacks from the joined query, naming no file."""
+    from typer.testing import CliRunner
+
+    from medai.cli import app
+    from medai.errors import InputFileError
+
+    hosp = tmp_path / "mimic" / "hosp"
+    hosp.mkdir(parents=True)
+    for name in ("patients", "admissions", "diagnoses_icd", "procedures_icd", "labevents", "prescriptions"):
+        (hosp / f"{name}.csv.gz").write_bytes((mimic_iv_demo_path / "hosp" / f"{name}.csv.gz").read_bytes())
+    target = hosp / f"{table}.csv.gz"
+    data = target.read_bytes()
+    if damage == "cut":
+        target.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        target.write_bytes(b"")
+    else:
+        lines = gzip.decompress(data).split(b"\n")
+        target.write_bytes(gzip.compress(b"\n".join([*lines[:5], b"\xff\xfe" + lines[5], *lines[6:]])))
+    with pytest.raises(InputFileError) as info:
+        ingest_mimic(tmp_path / "mimic")
+    assert info.value.path == target
+    result = CliRunner().invoke(app, ["ehr", "ingest", str(tmp_path / "mimic"), "--out", str(tmp_path / "out")],
+                                env={"COLUMNS": "400"})
+    assert result.exit_code == 2 and f"{table}.csv.gz" in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
