@@ -1274,7 +1274,10 @@ def save_nifti(volume: DicomVolume, path: str | Path) -> Path:
 
 
 def convert_series(source: str | Path, out: str | Path, *, series_uid: str | None = None) -> DicomVolume:
-    """Load a series folder and write it as NIfTI; returns the volume (with its warnings)."""
-    volume = load_series(source, series_uid=series_uid)
+    """Load a series folder and write it as NIfTI; returns the volume (with its warnings, skipped files named)."""
+    skipped: list[RefusedFile] = []
+    volume = load_series(source, series_uid=series_uid, failures=skipped)
+    # Files passed over as not DICOM (or of another series): a slice cut down to a few bytes is one of them.
+    volume.warnings.extend(f"{f.path} not read: {f.reason}" for f in skipped)
     save_nifti(volume, out)
     return volume

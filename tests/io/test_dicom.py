@@ -779,3 +779,19 @@ def test_scan_indexes_a_file_with_a_garbled_position_without_its_geometry(dicom_
     index = scan_folder(tmp_path)
     (series,) = index.all_series()
     assert not index.refused and series.instances[0].position_mm is None
+
+
+def test_convert_names_a_slice_it_passed_over_as_not_dicom(dicom_brain_tumor_progression_path, tmp_path):
+    """Found by the hostile-input harness: a slice cut before its 'DICM' prefix was skipped as a foreign file and
+    convert wrote a volume one slice short, exit 0, naming nothing."""
+    from typer.testing import CliRunner
+
+    from medai.cli import app
+
+    series = tmp_path / "series"
+    shutil.copytree(dicom_brain_tumor_progression_path / HCROP_SERIES, series)
+    (series / "16.dcm").write_bytes((series / "16.dcm").read_bytes()[:100])
+    result = CliRunner().invoke(app, ["dicom", "convert", str(series), str(tmp_path / "v.nii.gz")],
+                                env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "16.dcm not read: not a DICOM file" in result.output
