@@ -137,6 +137,13 @@ def predict_volume(
     import nibabel as nib
     from monai.transforms import Invertd
 
+    from medai.io.nifti import NIFTI_SUFFIXES, NiftiReadError, read_nifti
+
+    # Checked here, at the boundary: MONAI's loader picks its reader by extension and wraps any failure
+    # in a RuntimeError naming the transform, not the file.
+    if not str(image_path).lower().endswith(NIFTI_SUFFIXES):
+        raise NiftiReadError(image_path, f"not a NIfTI file name ({', '.join(NIFTI_SUFFIXES)})")
+    read_nifti(image_path)
     transform = segmentation_transforms("infer", roi_size, with_label=False)
     item = transform({"image": str(image_path)})
     model.eval()
