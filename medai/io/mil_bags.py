@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import logging
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,12 +61,15 @@ def _require(path: Path) -> Path:
 def read_mil_toolbox_mat(path: str | Path) -> list[MILBag]:
     """Read a MIL-toolbox `.mat` dataset (Musk, Fox, Tiger, ...) into bags, label 1 = positive (nlab 2), 0 = negative."""
     path = _require(Path(path))
-    loadmat = optional_import("scipy.io", "reading MIL-toolbox .mat files", "train").loadmat
+    scipy_io = optional_import("scipy.io", "reading MIL-toolbox .mat files", "train")
     try:
-        struct = loadmat(str(path))["x"]
+        struct = scipy_io.loadmat(str(path))["x"]
         data = np.asarray(struct["data"][0, 0], dtype=np.float32)
         bag_ids = struct["ident"][0, 0]["milbag"][0, 0]
         nlab = np.asarray(struct["nlab"][0, 0]).ravel()
+    except (scipy_io.matlab.MatReadError, OSError, EOFError, zlib.error) as exc:
+        # a cut or corrupt file: loadmat says 'could not read bytes' or the zlib of a compressed variable fails
+        raise MILDataError(path, f"unreadable .mat file ({type(exc).__name__}: {exc})") from exc
     except (KeyError, IndexError, ValueError, TypeError) as exc:
         raise MILDataError(path, f"not a MIL-toolbox struct 'x' with data/ident.milbag/nlab ({exc})") from exc
     bag_ids = np.array([str(np.asarray(b).ravel()[0]).strip() for b in bag_ids.reshape(-1, *bag_ids.shape[2:])])

@@ -107,3 +107,15 @@ def test_medmnist_bags_follow_the_mnist_bags_rule(breastmnist_path):
         assert (bag.instance_labels == (train.labels[bag.meta["image_indices"], 0] == 0)).all()
     assert 0.22 < np.mean([b.label for b in bags]) < 0.38
     assert 6 < np.mean([b.num_instances for b in bags]) < 10
+
+
+@pytest.mark.parametrize("cut", [0.1, 0.5, 0.99])
+def test_a_cut_mat_file_is_a_mil_data_error_naming_it(mil_classic_path, tmp_path, cut):
+    """Found by the hostile-input harness: scipy's MatReadError, OSError('could not read bytes') and the zlib.error
+    of a compressed variable escaped as tracebacks from `medai mil benchmark`."""
+    data = (mil_classic_path / "fox" / "fox.mat").read_bytes()
+    path = tmp_path / "fox.mat"
+    path.write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(MILDataError, match="unreadable .mat file") as info:
+        read_mil_toolbox_mat(path)
+    assert str(path) in str(info.value)
