@@ -181,7 +181,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError("config file not found", path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:  # a binary or gzipped file given as the config
+        raise ConfigError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", path) from exc
     if not isinstance(data, dict):

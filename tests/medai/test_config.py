@@ -92,3 +92,15 @@ def test_missing_and_malformed_files_are_named(tmp_path):
     with pytest.raises(ConfigError, match="invalid YAML") as err:
         load_config(Run, bad)
     assert str(bad) in str(err.value)
+
+
+def test_a_binary_config_file_is_a_config_error_naming_it(tmp_path):
+    """Found by the hostile-input harness: a gzipped (or any non-UTF-8) file given as the config was a
+    UnicodeDecodeError traceback from `medai finetune`."""
+    import gzip
+
+    path = tmp_path / "run.yaml"
+    path.write_bytes(gzip.compress(b"task: mil\n"))
+    with pytest.raises(ConfigError, match="not UTF-8 text") as err:
+        load_config(Optim, path)
+    assert str(path) in str(err.value)
