@@ -829,9 +829,13 @@ def _find_table(root: Path, name: str) -> Path | None:
 
 
 def is_mimic_folder(path: str | Path) -> bool:
-    """True when `path` holds MIMIC-IV-style tables (admissions and patients at least)."""
+    """True when `path` holds MIMIC-IV-style tables (admissions or patients).
+
+    Either one is enough: a folder that lost the other (renamed, deleted) is still a MIMIC folder whose
+    reader names the missing table, not a FHIR folder that silently yields no patients.
+    """
     root = Path(path)
-    return root.is_dir() and _find_table(root, "admissions") is not None and _find_table(root, "patients") is not None
+    return root.is_dir() and (_find_table(root, "admissions") is not None or _find_table(root, "patients") is not None)
 
 
 def _scan_table(root: Path, name: str, required: tuple[str, ...]) -> pl.LazyFrame:

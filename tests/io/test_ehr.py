@@ -406,3 +406,20 @@ def test_an_unreadable_mimic_table_is_named_not_a_traceback(mimic_iv_demo_path: 
                                 env={"COLUMNS": "400"})
     assert result.exit_code == 2 and f"{table}.csv.gz" in result.output, result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_mimic_folder_missing_its_admissions_table_is_named_not_read_as_fhir(mimic_iv_demo_path: Path, tmp_path: Path):
+    """Found by the hostile-input harness: with admissions renamed (here to .json.gz) the folder was no longer
+    detected as MIMIC, was read as FHIR, and ingest exited 0 with the folder's 100 patients silently missing."""
+    from typer.testing import CliRunner
+
+    from medai.cli import app
+
+    hosp = tmp_path / "mimic" / "hosp"
+    hosp.mkdir(parents=True)
+    for name in ("patients", "diagnoses_icd", "procedures_icd", "labevents", "prescriptions"):
+        (hosp / f"{name}.csv.gz").write_bytes((mimic_iv_demo_path / "hosp" / f"{name}.csv.gz").read_bytes())
+    (hosp / "admissions.json.gz").write_bytes((mimic_iv_demo_path / "hosp" / "admissions.csv.gz").read_bytes())
+    result = CliRunner().invoke(app, ["ehr", "ingest", str(tmp_path / "mimic"), "--out", str(tmp_path / "out")],
+                                env={"COLUMNS": "400"})
+    assert result.exit_code == 2 and "MIMIC table 'admissions' not found" in result.output, result.output
