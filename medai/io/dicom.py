@@ -861,7 +861,9 @@ def load_series(
     elif not by_series:
         raise DicomSeriesError(label, "no loadable image instances")
     else:
-        counts = ", ".join(f"{uid} ({len(p)} files)" for uid, p in by_series.items())
+        # a series of a few files among many is often a stray or damaged file: name them
+        counts = ", ".join(f"{uid} ({len(p)} files{': ' + ', '.join(Path(x).name for x in p) if len(p) <= 3 else ''})"
+                           for uid, p in by_series.items())
         raise DicomSeriesError(label, f"{len(by_series)} series found; pass series_uid= one of: {counts}")
     return _assemble_volume([(p, datasets[p]) for p in chosen], label, strict, on_file_error, failures)
 

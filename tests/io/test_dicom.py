@@ -795,3 +795,15 @@ def test_convert_names_a_slice_it_passed_over_as_not_dicom(dicom_brain_tumor_pro
                                 env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
     assert "16.dcm not read: not a DICOM file" in result.output
+
+
+def test_a_folder_of_two_series_names_the_files_of_a_small_one(dicom_brain_tumor_progression_path, tmp_path):
+    """Found by the hostile-input harness: one slice whose Series Instance UID changed made convert list two
+    series by UID and file count only; a series of a few files is named file by file."""
+    series = tmp_path / "series"
+    shutil.copytree(dicom_brain_tumor_progression_path / HCROP_SERIES, series)
+    ds = pydicom.dcmread(series / "5.dcm")
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(series / "5.dcm")
+    with pytest.raises(DicomSeriesError, match=r"2 series found.*\(1 files: 5\.dcm\)"):
+        load_series(series)
