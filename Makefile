@@ -13,7 +13,7 @@ TORCH_PINS := torch==2.9.1 torchvision==0.24.1
 endif
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps lint-imports demo test test-all bench doctor vqa-rad clean
+.PHONY: setup system-deps lint-imports demo test test-all fuzz bench doctor vqa-rad clean
 
 $(VENV)/.torch:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,14 @@ test: setup system-deps lint-imports
 
 test-all: setup system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The hostile-input harness at a larger count than `make test`'s sample (tests/hostile.py: DEFAULT_COUNTS);
+# FUZZ_COUNT is the total of mutated files, FUZZ_SEED picks other mutations; the counts go to fuzz-report.json.
+FUZZ_COUNT ?= 1500
+FUZZ_SEED ?= 1
+fuzz: setup
+	MEDAI_FUZZ_COUNT=$(FUZZ_COUNT) MEDAI_FUZZ_SEED=$(FUZZ_SEED) MEDAI_FUZZ_REPORT=$(CURDIR)/fuzz-report.json \
+	  $(PY) -m pytest -q -p no:cacheprovider tests/test_hostile_inputs.py $(PYTEST_ARGS)
 
 bench: setup
 	@failed=""; for b in benchmarks/*.py; do case $$b in */make_*|*_report.py) continue;; esac; \
