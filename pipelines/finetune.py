@@ -46,7 +46,7 @@ from medai.pipelines.batching import EpochSampler, make_loader, move_to
 from medai.pipelines.evaluate import evaluate_run
 from medai.pipelines.lora import apply_lora, in_module
 from medai.pipelines.tasks import Task, TaskData, get_task
-from medai.pipelines.train_config import OptimConfig, ScheduleConfig, TrainConfig
+from medai.pipelines.train_config import OptimConfig, ScheduleConfig, TrainConfig, config_diffs
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ class Trainer:
             # was saved takes its default there and only a real change refuses the resume.
             old = to_dict(from_dict(TrainConfig, yaml.safe_load(saved_cfg.read_text()), source=saved_cfg))
             new = to_dict(self.cfg)
-            diffs = _config_diffs(old, new, ignore={"trainer.epochs", "trainer.max_steps",
+            diffs = config_diffs(old, new, ignore={"trainer.epochs", "trainer.max_steps",
                                                     "trainer.early_stopping_patience", "trainer.evaluate_test"})
             if diffs:
                 raise TrainingError(f"cannot resume {self.run_dir}: config changed at {', '.join(diffs)}")
@@ -583,17 +583,6 @@ class Trainer:
 
 def _batch_len(pred: dict[str, np.ndarray]) -> int:
     return len(next(iter(pred.values()))) if pred else 1
-
-
-def _config_diffs(old: Any, new: Any, prefix: str = "", ignore: set[str] = frozenset()) -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new)):
-            path = f"{prefix}.{key}" if prefix else key
-            if path not in ignore:
-                out += _config_diffs(old.get(key), new.get(key), path, ignore)
-        return out
-    return [] if old == new else [prefix]
 
 
 def plot_history(history: list[dict[str, Any]], path: Path, monitor: str) -> None:

@@ -122,17 +122,12 @@ def _reusable(run_dir: Path, cfg: Any, data_identity: list) -> bool:
     """True when a finished fold was trained exactly as asked; raise MedaiError naming what differs otherwise."""
     from medai.config import from_dict, read_yaml, to_dict
     from medai.errors import MedaiError
-    from medai.pipelines.train_config import TrainConfig
+    from medai.pipelines.train_config import TrainConfig, config_diffs
 
     if not (run_dir / "predictions_test.npz").is_file():
         return False
     saved = to_dict(from_dict(TrainConfig, read_yaml(run_dir / "config.yaml"), source=run_dir / "config.yaml"))
-    wanted = to_dict(cfg)
-    changed = [f"{section}.{key}" for section in sorted(set(saved) | set(wanted))
-               for key in sorted(set(saved.get(section) or {}) | set(wanted.get(section) or {}))
-               if isinstance(saved.get(section), dict) and isinstance(wanted.get(section), dict)
-               and saved[section].get(key) != wanted[section].get(key)]
-    changed += [k for k in set(saved) | set(wanted) if not isinstance(saved.get(k), dict) and saved.get(k) != wanted.get(k)]
+    changed = config_diffs(saved, to_dict(cfg))
     identity_file = run_dir / "data_identity.json"
     if identity_file.is_file() and json.loads(identity_file.read_text()) != data_identity:
         changed.append("the bag file (size or time changed)")

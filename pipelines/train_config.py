@@ -153,3 +153,15 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
     if not Path(cfg.data.path).exists():
         raise ConfigError(f"data path does not exist: {cfg.data.path}", path, "data.path")
     return cfg
+
+
+def config_diffs(old: Any, new: Any, prefix: str = "", ignore: set[str] = frozenset()) -> list[str]:
+    """Dotted keys where two config dicts (as `medai.config.to_dict` gives them) differ, except `ignore`."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            path = f"{prefix}.{key}" if prefix else key
+            if path not in ignore:
+                out += config_diffs(old.get(key), new.get(key), path, ignore)
+        return out
+    return [] if old == new else [prefix]
