@@ -38,6 +38,14 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def file_identity(path: str | Path) -> list[list]:
+    """[name, size, mtime_ns] of a file, or of every file under a folder (sorted): cheap, and changes when the content does."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [[p.name if p == path else str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns]
+            for p in files]
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) RNGs."""
     import numpy as np

@@ -51,7 +51,7 @@ from medai.io.patch_h5 import (
 )
 from medai.io.wsi import WholeSlide, list_slides, open_slide
 from medai.transforms.tissue import TissueConfig
-from medai.utils import atomic_write, optional_import
+from medai.utils import atomic_write, file_identity, optional_import
 from medai.pipelines.slides import PatchConfig, patch_slide
 
 log = logging.getLogger(__name__)
@@ -538,14 +538,11 @@ def extract_slide(
 
 def work_identity(entry: SlideEntry, cfg: ExtractConfig, encoder: Encoder) -> dict[str, Any]:
     """What shapes a slide's features: its file(s) (name, size, mtime) and every setting that changes the output."""
-    path = Path(entry.path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     patch = dataclasses.asdict(cfg.patch)
     if entry.target_mpp is not None:
         patch["target_mpp"] = entry.target_mpp
     return {
-        "source": [[p.name if p == path else str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns]
-                   for p in files],
+        "source": file_identity(entry.path),
         "mpp_override": entry.mpp,
         "tissue": dataclasses.asdict(cfg.tissue),
         "patch": patch,

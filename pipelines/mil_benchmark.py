@@ -112,12 +112,6 @@ def _fold_config(path: Path, model: str, seed: int, fold: int, s: BenchmarkSetti
     )
 
 
-def _data_identity(path: Path) -> list:
-    """The bag set's files (name, size, mtime): a rerun on a changed file must not reuse folds trained on the old one."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [[p.name if p == path else str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-
-
 def _reusable(run_dir: Path, cfg: Any, data_identity: list) -> bool:
     """True when a finished fold was trained exactly as asked; raise MedaiError naming what differs otherwise."""
     from medai.config import from_dict, read_yaml, to_dict
@@ -150,6 +144,7 @@ def run_mil_benchmark(path: str | Path, settings: BenchmarkSettings, output_dir:
     from medai.pipelines.finetune import finetune
     from medai.pipelines.metrics import bootstrap_ci
     from medai.pipelines.tasks.mil import MILOptions
+    from medai.utils import file_identity
 
     path, output_dir = Path(path), Path(output_dir)
     runs_dir = output_dir / "runs"
@@ -161,7 +156,8 @@ def run_mil_benchmark(path: str | Path, settings: BenchmarkSettings, output_dir:
     labels = np.array([b.label for b in bags])
     ids = [b.bag_id for b in bags]
     task_type = "binary" if labels.max() <= 1 else "multiclass"
-    identity = _data_identity(path)
+    # the bag set's files: a rerun on a changed file must not reuse folds trained on the old one
+    identity = file_identity(path)
     results: dict[str, Any] = {"dataset": str(path), "n_bags": len(bags), "settings": settings.__dict__, "models": {},
                                "split": "fixed" if fixed_split else "cv",
                                "n_test_bags": len(data.splits.get("test", ()))}
