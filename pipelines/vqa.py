@@ -66,20 +66,29 @@ class VQAEvalConfig:
     blind_source: str = ""
 
 
+def load_vqa_model(model: str, run: Path | None = None, checkpoint: str = "best") -> Any:
+    """A trained VQA run's model (its `checkpoint`), else a registered medai VLM or a local HF VLM folder, in eval mode."""
+    if run is not None:
+        from medai.pipelines.evaluate import load_run
+
+        return load_run(run, checkpoint)[3].eval()
+    from medai.models.vlm import load_vlm
+
+    loaded = load_vlm(model)
+    return loaded.eval() if hasattr(loaded, "eval") else loaded
+
+
 def load_answering_model(model: str, run: Path | None = None, checkpoint: str = "best", *,
                          allow_untrained: bool = False) -> tuple[Any, str]:
     """The VLM that answers a user's question and a line naming its weights; untrained heads refused unless allowed."""
-    from medai.models.vlm import UntrainedModelError, load_vlm
+    from medai.models.vlm import UntrainedModelError
 
+    vlm = load_vqa_model(model, run, checkpoint)
     if run is not None:
         from medai.pipelines.checkpointing import run_weights
-        from medai.pipelines.evaluate import load_run
 
-        vlm = load_run(run, checkpoint)[3].eval()
         provenance = f"{run} ({checkpoint} checkpoint {run_weights(run, checkpoint)})"
     else:
-        loaded = load_vlm(model)
-        vlm = loaded.eval() if hasattr(loaded, "eval") else loaded
         provenance = f"{model} ({getattr(vlm, 'weights_source', None) or 'registry build'})"
     untrained = list(getattr(vlm, "untrained_parts", []))
     if untrained and not allow_untrained:

@@ -14,18 +14,6 @@ console = Console()
 CHECKPOINT_HELP = "Which checkpoint of --run and --blind-run: best (by the run's monitor) or last."
 
 
-def _load(model: str, run: Optional[Path], checkpoint: str = "best") -> Any:
-    """A registered medai VLM, a trained run folder (its `checkpoint`), or a local HF image-text-to-text folder."""
-    if run is not None:
-        from medai.pipelines.evaluate import load_run
-
-        return load_run(run, checkpoint)[3].eval()
-    from medai.models.vlm import load_vlm
-
-    loaded = load_vlm(model)
-    return loaded.eval() if hasattr(loaded, "eval") else loaded
-
-
 def _source(model: str, run: Optional[Path], checkpoint: str) -> str:
     """Name the answering model for the evaluation's resume check: a run's checkpoint file and its time, or a model."""
     if run is None:
@@ -39,9 +27,11 @@ def _source(model: str, run: Optional[Path], checkpoint: str) -> str:
 def _with_blind(model: str, run: Optional[Path], blind_run: Optional[Path], condition: list[str],
                 checkpoint: str = "best") -> tuple[Any, Any, list[str]]:
     """The evaluated model, the question-only model (if a run is given) and the conditions, 'blind_trained' added."""
+    from medai.pipelines.vqa import load_vqa_model
+
     conditions = list(condition) + (["blind_trained"] if blind_run and "blind_trained" not in condition else [])
-    blind = _load(model, blind_run, checkpoint) if blind_run is not None else None
-    return _load(model, run, checkpoint), blind, conditions
+    blind = load_vqa_model(model, blind_run, checkpoint) if blind_run is not None else None
+    return load_vqa_model(model, run, checkpoint), blind, conditions
 
 
 @app.command("ask")
@@ -126,9 +116,10 @@ def report(
 ) -> None:
     """Draft a report from structured findings; every finding sentence is checked and flagged if unsupported."""
     from medai.pipelines.report import draft_report, load_findings, write_report
+    from medai.pipelines.vqa import load_vqa_model
 
     study = load_findings(findings)
-    vlm = _load(model, None) if drafter == "lm" else None
+    vlm = load_vqa_model(model, None) if drafter == "lm" else None
     result = draft_report(study, vlm, drafter)  # type: ignore[arg-type]
     write_report(result, out, dicom)
     console.print(result.to_text())

@@ -79,7 +79,7 @@ def check_secret(secret: str | None) -> str:
         raise ConfigError(f"the de-identification key must be at least {MIN_SECRET_CHARS} characters "
                           f"(got {len(secret or '')}); without a secret key the new UIDs can be linked back to "
                           "the originals. Keep one key per project, e.g. from "
-                          "`python -c 'import secrets; print(secrets.token_hex(16))'`")
+                          "`openssl rand -hex 16`")
     return secret
 
 
